@@ -68,3 +68,13 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         v = gather_context(v_cache, block_tables[b], ctx)
         out[b:b + 1] = _attend(q[b:b + 1], k, v, scale)
     return out
+
+
+def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Causal attention over packed sequences with no cache (used for the memory-profiling warm-up)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale)
+    return out

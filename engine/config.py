@@ -1,0 +1,68 @@
+"""Engine configuration: user arguments checked once, plus what is derived from the model's HF config."""
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+
+@dataclass
+class Config:
+    model: str
+    device: str | None = None
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    max_model_len: int = 4096
+    max_num_seqs: int = 512
+    max_num_batched_tokens: int = 16384
+    gpu_memory_utilization: float = 0.9
+    kvcache_block_size: int = 256
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"
+    seed: int = 0
+    num_kvcache_blocks: int | None = None  # fixed block count; None = size from memory
+    hf_config: PretrainedConfig | None = field(default=None, repr=False)
+    torch_dtype: torch.dtype | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bs = self.kvcache_block_size
+        checks = [
+            ("device", self.device in ("cuda", "cpu"), "must be 'cuda', 'cpu' or None"),
+            ("kvcache_block_size", isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0,
+             "must be a power of two from 16 to 256"),
+            ("tensor_parallel_size", isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+             "must be an int >= 1"),
+            ("max_model_len", self.max_model_len >= 1, "must be >= 1"),
+            ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+            ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
+             "must be auto, float32, float16 or bfloat16"),
+            ("num_kvcache_blocks", self.num_kvcache_blocks is None or self.num_kvcache_blocks >= 1, "must be >= 1"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but CUDA is not available")
+        if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds the "
+                             f"{torch.cuda.device_count()} visible GPUs")
+        self.hf_config = AutoConfig.from_pretrained(self.model)
+        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
+        self.torch_dtype = self._resolve_dtype()
+        if self.device == "cpu":
+            self.enforce_eager = True
+
+    def _resolve_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.device == "cpu":
+            return torch.float32
+        stored = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        stored = getattr(torch, stored) if isinstance(stored, str) else stored
+        return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.kvcache_block_size)

@@ -1,0 +1,34 @@
+"""Per-forward attention metadata, set by the model runner and read by the attention layers."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Context:
+    is_prefill: bool = False
+    cu_seqlens_q: torch.Tensor | None = None   # [B+1] prefill: new tokens per sequence, packed
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    has_cached_prefix: bool = False            # some prefill sequence starts after cached blocks
+    slot_mapping: torch.Tensor | None = None   # [tokens] cache slot of each new token
+    context_lens: torch.Tensor | None = None   # [B] cached + new tokens per sequence
+    block_tables: torch.Tensor | None = None   # [B, max_blocks]
+    graph_replay: bool = False
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(**fields) -> None:
+    global _CONTEXT
+    _CONTEXT = Context(**fields)
+
+
+def reset_context() -> None:
+    global _CONTEXT
+    _CONTEXT = Context()

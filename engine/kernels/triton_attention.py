@@ -1,0 +1,333 @@
+"""Triton paged-KV-cache attention: split-K decode and FlashAttention-style varlen prefill.
+
+Semantics and cache layout follow :mod:`engine.kernels.reference`
+(``k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]``). Query head ``h`` reads
+KV head ``h // (num_heads // num_kv_heads)``. Both kernels are GQA-aware: one program serves all
+query heads of one KV head, so each K/V tile is loaded once per KV head. Softmax runs in base 2
+with ``scale * log2(e)`` folded into the scores; accumulation is fp32.
+
+See docs/kernels-notes.md for the design and the measured numbers.
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel; ``num_splits=None`` picks it from the shapes."""
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    num_splits: int | None = None
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch parameters of the prefill kernel (``block_m`` counts query rows = tokens x group)."""
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@triton.jit
+def _kv_rows(block_table_ptr, tile, offs_n, mask, stride_block, stride_token,
+             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Element offsets of the cache rows of tokens ``tile + offs_n`` of one sequence.
+
+    ``tile`` is a multiple of BLOCK_N, so a tile no larger than a cache block lies in one block
+    and needs one scalar block-table load; larger tiles gather one block id per token.
+    """
+    tokens = tile + offs_n
+    if BLOCK_N <= BLOCK_SIZE:
+        block = tl.load(block_table_ptr + tile // BLOCK_SIZE).to(tl.int64)
+    else:
+        block = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+    return block * stride_block + (tokens % BLOCK_SIZE) * stride_token
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
+                         out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
+                         stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+                         stride_cb, stride_ct, stride_ch,
+                         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Grid (batch, kv_head, split). Split ``s`` covers ``[s * split_len, (s + 1) * split_len)``
+    of the sequence, ``split_len`` derived on the device from its context length, so every split
+    of a long sequence has work and splits past a short one return at once. With one split the
+    program writes the output; otherwise a normalised partial output and its log2-sum-exp."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    if NUM_SPLITS > 1 and start >= context_len:
+        return
+    end = tl.minimum(start + split_len, context_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_h
+    head_mask = offs_h < GROUP
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=head_mask[:, None], other=0.0)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_ptr + kv_head * stride_ch
+    v_base = v_ptr + kv_head * stride_ch
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        tokens = tile + offs_n
+        valid = tokens < end
+        rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
+                        BLOCK_N)
+        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
+        out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        row = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
+                 mask=head_mask[:, None])
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=head_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, out_ptr,
+                          stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
+    """Grid (batch, head): merge the partials of the splits that had work."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
+    num_active = tl.cdiv(context_len, split_len)
+    splits = tl.arange(0, SPLITS_P2)
+    active = splits < num_active
+    row = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + row, mask=active, other=-1e30)  # finite: no inf - inf
+    weight = tl.where(active, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=active[:, None], other=0.0)
+    total = tl.sum(weight, 0)
+    acc = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, acc.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr,
+                    block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_bt, stride_cb, stride_ct, stride_ch,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (row tile, batch, kv_head). The rows of a tile are (query token, head in group)
+    pairs, token-major, so the GROUP query heads of a KV head share every K/V tile. Query token
+    ``i`` of a sequence sits at position ``context_len - q_len + i`` and sees keys up to it."""
+    row_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    first_row = row_tile * BLOCK_M
+    if first_row >= q_len * GROUP:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    prefix_len = context_len - q_len
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    q_idx = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_mask = q_idx < q_len
+    q_pos = prefix_len + q_idx
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    tokens_q = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + tokens_q[:, None] * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_ptr + kv_head * stride_ch
+    v_base = v_ptr + kv_head * stride_ch
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys before `unmasked_end` are visible to every row of the tile: no causal mask there.
+    unmasked_end = (prefix_len + first_row // GROUP + 1) // BLOCK_N * BLOCK_N
+    last_pos = tl.minimum(prefix_len + (first_row + BLOCK_M - 1) // GROUP, context_len - 1)
+    for tile in range(0, last_pos + 1, BLOCK_N):
+        tokens = tile + offs_n
+        valid = tokens < context_len
+        rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
+                        BLOCK_N)
+        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if tile >= unmasked_end:
+            visible = (tokens[None, :] <= q_pos[:, None]) & valid[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tokens_o = (q_start + q_idx).to(tl.int64)
+    tl.store(out_ptr + tokens_o[:, None] * stride_ot + heads[:, None] * stride_oh
+             + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter runs: small, so CPU tests exercise several splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int,
+                      num_sms: int) -> int:
+    """Splits per sequence, from shapes only (CUDA graphs): enough programs for ~4 per SM,
+    never more splits than key tiles in the longest possible context, at most 64."""
+    wanted = triton.cdiv(4 * num_sms, batch * num_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_context, block_n), 64))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 caches get exact fp32 products; tf32 would cost ~1e-3 relative error.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Validate shapes and strides (host-side, shapes only); return the GQA group size."""
+    num_heads, head_dim = q.shape[-2:]
+    num_kv_heads = k_cache.shape[2]
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim
+    assert k_cache.stride() == v_cache.stride(), "K and V caches share one layout"
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert num_heads % num_kv_heads == 0
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim: power of two >= 16"
+    block_size = k_cache.shape[1]
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    return num_heads // num_kv_heads
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           *, out: torch.Tensor | None = None,
+                           config: DecodeConfig | None = None) -> torch.Tensor:
+    """Decode attention, one query token per sequence: ``q [B, num_heads, head_dim]``.
+
+    ``block_tables [B, max_blocks]`` and ``context_lens [B]`` are int32 (int64 works too) device
+    tensors; only the first ``cdiv(context_lens[b], block_size)`` entries of a row are read, and a
+    context length of 0 gives a zero output. Launch sizes depend on shapes only, so the call is
+    CUDA-graph capturable. ``out`` (same shape as q, last dim contiguous) is written if given.
+    """
+    group = _check_cache(q, k_cache, v_cache)
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    config = config or _default_decode_config(q.dtype)
+    num_splits = config.num_splits or decode_num_splits(
+        batch, num_kv_heads, block_tables.shape[1] * block_size, config.block_n,
+        _num_sms(q.device))
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if batch == 0:
+        return out
+    if num_splits > 1:
+        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32,
+                               device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the single-split kernel
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
+        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_out, part_lse, context_lens, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=config.block_n,
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                            block_tables: torch.Tensor, scale: float,
+                            max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None,
+                            config: PrefillConfig | None = None) -> torch.Tensor:
+    """Causal varlen prefill over the paged cache (see the reference for the semantics).
+
+    q ``[total_q, num_heads, head_dim]`` (last dim contiguous); ``cu_seqlens_q [B+1]``,
+    ``context_lens [B]`` and ``block_tables [B, max_blocks]`` are int32 device tensors. The new
+    tokens' K/V must already be in the cache. ``max_seqlen_q`` sizes the grid; when None it is
+    read from ``cu_seqlens_q`` with a host sync.
+    """
+    group = _check_cache(q, k_cache, v_cache)
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    batch = context_lens.shape[0]
+    config = config or _default_prefill_config(q.dtype, q.shape[2])
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
+    if batch == 0 or max_seqlen_q == 0:
+        return out
+    grid = (triton.cdiv(max_seqlen_q * group, config.block_m), batch, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=block_size, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+def _default_decode_config(dtype: torch.dtype) -> DecodeConfig:
+    if dtype == torch.float32:
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
+    return DecodeConfig()
+
+
+def _default_prefill_config(dtype: torch.dtype, head_dim: int) -> PrefillConfig:
+    if dtype == torch.float32:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return PrefillConfig()

@@ -1,0 +1,59 @@
+"""Triton kernel that writes new key/value vectors into the paged KV cache.
+
+Same semantics as :func:`engine.kernels.reference.store_kvcache_ref`: token ``i`` goes to slot
+``slot_mapping[i] = block_id * block_size + offset`` of ``[num_blocks, block_size, kv_heads, dim]``
+caches, and slots of -1 are skipped. One program copies one token (all KV heads, K and V).
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                          stride_kn, stride_kh, stride_vn, stride_vh,
+                          stride_kcb, stride_kct, stride_kch,
+                          stride_vcb, stride_vct, stride_vch,
+                          NUM_KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    heads = tl.arange(0, HEADS_P2)[:, None]
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    mask = heads < NUM_KV_HEADS
+    src = token.to(tl.int64)
+    key = tl.load(key_ptr + src * stride_kn + heads * stride_kh + dims, mask=mask)
+    value = tl.load(value_ptr + src * stride_vn + heads * stride_vh + dims, mask=mask)
+    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + heads * stride_kch + dims
+    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + heads * stride_vch + dims
+    tl.store(k_dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value ``[N, num_kv_heads, head_dim]`` into the caches at ``slot_mapping`` ``[N]``.
+
+    key/value may be strided views (e.g. slices of a fused QKV output) as long as the last
+    dimension is contiguous; ``slot_mapping`` may be int32 or int64. No host synchronisation,
+    so the call is CUDA-graph capturable.
+    """
+    num_tokens, num_kv_heads, head_dim = key.shape
+    assert value.shape == key.shape and slot_mapping.shape == (num_tokens,)
+    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    if num_tokens == 0:
+        return
+    _store_kvcache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEADS_P2=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], num_warps=4)

@@ -1,0 +1,86 @@
+"""Batched sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
+
+Sampling uses the exponential race (argmax of ``p / E`` with ``E ~ Exp(1)``), which draws from ``p``
+exactly. Rows with a seed get their noise from a counter-based hash of (seed, output position, token id),
+so a seeded request samples the same tokens whatever else is in the batch.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_MASK31 = (1 << 31) - 1
+_MIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # splitmix/murmur finaliser constants as signed int64
+_MIX2 = 0xC4CEB9FE1A85EC53 - (1 << 64)
+
+
+def hashed_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise ``[rows, vocab]`` that depends only on each row's (seed, position)."""
+    ids = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = seeds[:, None] * 0x9E3779B1 + positions[:, None] * 0x85EBCA77 + ids[None, :] * 0x27D4EB2F
+    for mult in (_MIX1, _MIX2):
+        x = x ^ ((x >> 33) & _MASK31)
+        x = x * mult
+    x = x ^ ((x >> 33) & _MASK31)
+    return (((x >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row settings as device tensors ``[B]`` plus host flags that skip unused work without a sync."""
+    temperatures: torch.Tensor
+    top_ks: torch.Tensor        # <= 0: off
+    top_ps: torch.Tensor
+    min_ps: torch.Tensor
+    seeds: torch.Tensor         # < 0: no seed
+    positions: torch.Tensor     # output position of the token being sampled
+    all_greedy: bool
+    use_top_k_top_p: bool
+    use_min_p: bool
+    any_seeded: bool
+
+
+class Sampler(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits ``[B, V]`` → sampled token ids ``[B]``."""
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy
+        sampled_rows = batch.temperatures > 0
+        logits = logits / torch.where(sampled_rows, batch.temperatures, 1.0).unsqueeze(1)
+        if batch.use_top_k_top_p:
+            logits = _top_k_top_p(logits, batch.top_ks, batch.top_ps)
+        probs = torch.softmax(logits, dim=-1)
+        if batch.use_min_p:
+            threshold = batch.min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        noise = self._uniform(probs, batch)
+        sampled = (probs / -torch.log(noise)).argmax(dim=-1)
+        return torch.where(sampled_rows, sampled, greedy)
+
+    def _uniform(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if self.generator is None or self.generator.device != probs.device:
+            self.generator = torch.Generator(probs.device).manual_seed(self.seed)
+        noise = torch.rand(probs.shape, generator=self.generator, device=probs.device).clamp_(min=1e-10)
+        if batch.any_seeded:
+            seeded = (batch.seeds >= 0).nonzero().squeeze(1)
+            noise[seeded] = hashed_uniform(batch.seeds[seeded], batch.positions[seeded], probs.shape[1])
+        return noise
+
+
+def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    k = torch.where(top_ks > 0, top_ks, logits.shape[1]).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_ps.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

@@ -1,0 +1,213 @@
+"""The user-facing engine: prompts in, completions out. Tokenises and validates requests, drives the
+scheduler and model runner one step at a time, applies stop strings, and reports timings and step metrics."""
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import fields
+
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from engine.config import Config
+from engine.loader import resolve_model_path
+from engine.logger import get_logger, memory_summary
+from engine.metrics import StepRecord
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+logger = get_logger(__name__)
+Prompt = str | list[int] | list[dict]
+RULE = "-" * 80
+STOP_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_model_len": "length"}
+
+
+class LLMEngine:
+    def __init__(self, model: str, **kwargs):
+        logger.info("=" * 80)
+        logger.info("Initializing LLMEngine")
+        logger.info("Model: %s", model)
+        config_names = {f.name for f in fields(Config)} - {"model", "hf_config", "torch_dtype"}
+        unknown = set(kwargs) - config_names
+        if unknown:
+            raise TypeError(f"unknown LLM arguments: {sorted(unknown)}")
+        self.config = Config(resolve_model_path(model), **kwargs)
+        logger.info("Configuration: %s", ", ".join(f"{k}={getattr(self.config, k)}" for k in sorted(config_names)))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        self.model_runner = self._start_runners()
+        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self._eos_token_ids())
+        self.step_callbacks: list[Callable[[StepRecord], None]] = []
+        self.stats = dict(steps=0, prefill_time_s=0.0, decode_time_s=0.0, prompt_tokens=0, generated_tokens=0)
+
+    def _start_runners(self) -> ModelRunner:
+        if self.config.tensor_parallel_size > 1:
+            from engine.tensor_parallel import start_tensor_parallel
+            return start_tensor_parallel(self.config)
+        return ModelRunner(self.config)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = self.config.hf_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ----- requests -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, max_tokens: int = 1) -> list[int]:
+        """Token ids for a text, token-id or chat prompt; ValueError with the reason if it cannot run."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            token_ids = self._render_chat(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids = list(prompt)
+            vocab = self.config.hf_config.vocab_size
+            if any(t < 0 or t >= vocab for t in token_ids):
+                raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+        else:
+            raise ValueError(f"prompt must be a string, a list of token ids or a list of chat messages, "
+                             f"not {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        if len(token_ids) > self.config.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len="
+                             f"{self.config.max_model_len}")
+        self._check_fits(len(token_ids), max_tokens)
+        return token_ids
+
+    def _render_chat(self, messages: list[dict]) -> list[int]:
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"chat message {i} needs string 'role' and 'content' fields, got {m!r}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template, so chat messages cannot be rendered")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Reject a request whose longest possible sequence exceeds the whole KV cache (it could never finish)."""
+        longest = min(num_prompt_tokens + max_tokens, self.config.max_model_len)
+        needed = -(-longest // self.config.kvcache_block_size)
+        if needed > self.model_runner.num_blocks:
+            raise ValueError(f"request needs up to {needed} KV-cache blocks ({longest} tokens) but the cache holds "
+                             f"only {self.model_runner.num_blocks} blocks of {self.config.kvcache_block_size}")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> Sequence:
+        seq = Sequence(self.encode_prompt(prompt, params.max_tokens), params, self.config.kvcache_block_size, index)
+        self.scheduler.add(seq)
+        return seq
+
+    def is_finished(self) -> bool:
+        return self.scheduler.is_finished()
+
+    def add_step_callback(self, fn: Callable[[StepRecord], None]) -> None:
+        """Call ``fn(record)`` after every engine step."""
+        self.step_callbacks.append(fn)
+
+    # ----- stepping -------------------------------------------------------------------------------
+    def step(self) -> tuple[list[Sequence], StepRecord]:
+        """Run one scheduled batch; return the sequences that finished and the step's metrics."""
+        start = time.perf_counter()
+        seqs, is_prefill = self.scheduler.schedule()
+        num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
+        hit_tokens = sum(s.num_cached_tokens for s in seqs) if is_prefill else 0
+        token_ids = self.model_runner.run(seqs, is_prefill)
+        finished = self.scheduler.postprocess(seqs, token_ids)
+        finished += self._apply_stop_strings(seqs)
+        now = time.perf_counter()
+        for seq in finished:
+            seq.finish_time = now
+        elapsed = now - start
+        self.stats["steps"] += 1
+        self.stats["prefill_time_s" if is_prefill else "decode_time_s"] += elapsed
+        self.stats["generated_tokens"] += len(seqs)
+        bm = self.scheduler.block_manager
+        record = StepRecord(self.stats["steps"] - 1, "prefill" if is_prefill else "decode", len(seqs), num_tokens,
+                            len(self.scheduler.running), len(self.scheduler.waiting),
+                            self.scheduler.num_preempted_last_step, len(finished), bm.num_used_blocks,
+                            bm.num_free_blocks, hit_tokens, elapsed, time.time())
+        for fn in self.step_callbacks:
+            fn(record)
+        return finished, record
+
+    def _apply_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
+        finished = []
+        for seq in seqs:
+            stops = seq.params.stop
+            if seq.is_finished or not stops:
+                continue
+            tail_len = max(len(s) for s in stops) + 4
+            tail = self.tokenizer.decode(seq.completion_token_ids[-tail_len:], skip_special_tokens=True)
+            if any(s in tail for s in stops):
+                text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+                seq.stop_text_end = min(i for i in (text.find(s) for s in stops) if i >= 0)
+                self.scheduler.finish(seq, "stop")
+                finished.append(seq)
+        return finished
+
+    def generate(self, prompts: list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict]:
+        """Complete every prompt; results come back in input order (see README for the fields)."""
+        if not isinstance(prompts, list):
+            raise ValueError("prompts must be a list (of strings, token-id lists or chat message lists)")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        encoded = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                encoded.append(self.encode_prompt(prompt, p.max_tokens))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        seqs = [self.add_request(ids, p, i) for i, (ids, p) in enumerate(zip(encoded, params))]
+        total_prompt_tokens = sum(s.num_prompt_tokens for s in seqs)
+        self.stats["prompt_tokens"] += total_prompt_tokens
+        logger.info(RULE)
+        logger.info("Starting generation for %d prompts", len(seqs))
+        logger.info("Total prompt tokens: %d", total_prompt_tokens)
+        self._run_until_done(len(seqs), use_tqdm)
+        return [self._result(s) for s in seqs]
+
+    def _run_until_done(self, num_seqs: int, use_tqdm: bool) -> None:
+        before = dict(self.stats)
+        bar = tqdm(total=num_seqs, desc="Generating", dynamic_ncols=True) if use_tqdm else None
+        done, debug = 0, logger.isEnabledFor(logging.DEBUG)
+        while not self.is_finished():
+            finished, record = self.step()
+            done += len(finished)
+            if finished and debug:
+                logger.debug("Postprocess: %d/%d sequences finished", done, num_seqs)
+            if bar is not None:
+                bar.update(len(finished))
+                bar.set_postfix(phase=record.phase, batch=record.batch_size)
+        if bar is not None:
+            bar.close()
+        logger.info("Generation complete: %d steps, total_output_tokens=%d, prefill_time=%.2fs, decode_time=%.2fs",
+                    self.stats["steps"] - before["steps"], self.stats["generated_tokens"] - before["generated_tokens"],
+                    self.stats["prefill_time_s"] - before["prefill_time_s"],
+                    self.stats["decode_time_s"] - before["decode_time_s"])
+        logger.info("After generation - %s", memory_summary(self.model_runner.device))
+        logger.info(RULE)
+
+    def _result(self, seq: Sequence) -> dict:
+        text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        if seq.stop_text_end is not None:
+            text = text[:seq.stop_text_end]
+        return dict(text=text, token_ids=seq.completion_token_ids, finish_reason=STOP_REASONS[seq.finish_reason],
+                    num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.first_cached_tokens or 0,
+                    ttft_s=seq.first_token_time - seq.arrival_time, latency_s=seq.finish_time - seq.arrival_time)
+
+    def shutdown(self) -> None:
+        """Release the model runner(s); the engine cannot be used afterwards."""
+        runner = getattr(self, "model_runner", None)
+        if runner is not None and hasattr(runner, "shutdown"):
+            runner.shutdown()
+        self.model_runner = None
+
+
+class LLM(LLMEngine):
+    """``LLM(model, ...)``: a local HF directory, a hub id, or ``"demo"``; see :class:`engine.config.Config`."""

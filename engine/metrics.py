@@ -1,0 +1,22 @@
+"""Per-step metric records, handed to callbacks (no log parsing needed)."""
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class StepRecord:
+    step: int                      # 0-based index within the engine's lifetime
+    phase: str                     # "prefill" | "decode"
+    batch_size: int                # sequences scheduled this step
+    num_tokens: int                # tokens forwarded this step (prefill: uncached prompt tokens)
+    num_running: int               # after the step
+    num_waiting: int               # after the step
+    num_preempted: int             # preempted while scheduling this step
+    num_finished: int              # sequences that finished this step
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_cache_hit_tokens: int   # prompt tokens served from the prefix cache this step
+    step_time_s: float
+    timestamp: float               # wall clock (time.time()) at the end of the step
+
+    def to_dict(self) -> dict:
+        return asdict(self)

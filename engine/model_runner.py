@@ -1,0 +1,249 @@
+"""Owns the model on one device (one TP rank): weights, the paged KV cache, CUDA graphs, input preparation,
+the forward pass and sampling."""
+import logging
+
+import numpy as np
+import torch
+
+from engine.config import Config
+from engine.context import get_context, reset_context, set_context
+from engine.layers.attention import Attention, select_backend
+from engine.layers.sampler import Sampler, SamplingBatch
+from engine.loader import load_weights
+from engine.logger import get_logger, memory_summary, timed
+from engine.models import build_model
+from engine.models.decoder import head_dim_of
+from engine.sequence import Sequence
+
+logger = get_logger(__name__)
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where no memory profile is taken
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes to capture: 1, 2, 4, 8, then steps of 16 up to max_num_seqs (rounded up)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    return sizes + list(range(16, max_num_seqs + 16, 16)) if max_num_seqs > 8 else sizes + [max_num_seqs]
+
+
+class ModelRunner:
+    def __init__(self, config: Config, rank: int = 0):
+        self.config, self.rank = config, rank
+        self.block_size = config.kvcache_block_size
+        self.device = torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
+        self.dtype = config.torch_dtype
+        logger.info("Initializing ModelRunner (rank %d)", rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        Attention.backend = select_backend(self.device)
+        logger.info("Loading model: %s", config.model)
+        previous_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        with torch.device(self.device):
+            self.model = build_model(config.hf_config)
+        torch.set_default_dtype(previous_dtype)
+        load_weights(self.model, config.model)
+        self.model.eval()
+        logger.info("After model loading - %s", memory_summary(self.device))
+        self.sampler = Sampler(config.seed)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_blocks = self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if not config.enforce_eager and self.device.type == "cuda":
+            self._capture_cudagraphs()
+
+    # ----- KV cache -------------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * len(self.attention_layers) * layer.num_kv_heads * layer.head_dim
+        return per_token * self.block_size * self.dtype.itemsize
+
+    def _num_blocks_that_fit(self) -> int:
+        config = self.config
+        if config.num_kvcache_blocks:
+            return config.num_kvcache_blocks
+        if self.device.type == "cpu":
+            wanted = config.max_num_seqs * config.max_blocks_per_seq
+            return max(config.max_blocks_per_seq, min(wanted, CPU_KV_CACHE_BYTES // self._block_bytes()))
+        self._profile_peak_memory()
+        free, total = torch.cuda.mem_get_info(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+        budget = total * config.gpu_memory_utilization - (total - free) - (peak - current)
+        logger.info("KV cache budget: total=%.2fGB, used=%.2fGB, activation_peak=%.2fGB, utilization=%.2f",
+                    total / 2**30, (total - free) / 2**30, (peak - current) / 2**30, config.gpu_memory_utilization)
+        return int(budget // self._block_bytes())
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> None:
+        """Forward a full ``max_num_batched_tokens`` prefill and sample a full batch, to measure peak memory."""
+        config = self.config
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seq_len = config.max_model_len
+        num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
+        cu = torch.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=torch.int32, device=self.device)
+        set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=seq_len, max_seqlen_k=seq_len)
+        input_ids = torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=self.device)
+        positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        self.model.compute_logits(self.model(input_ids, positions))
+        reset_context()
+        n = config.max_num_seqs
+        logits = torch.randn(n, config.hf_config.vocab_size, device=self.device)
+        ones = torch.ones(n, device=self.device)
+        self.sampler(logits, SamplingBatch(ones, ones.int(), ones * 0.9, ones * 0.1, -ones.long(), ones.long(),
+                                           False, True, True, False))
+        del logits
+        torch.cuda.synchronize(self.device)
+
+    def _allocate_kv_cache(self) -> int:
+        logger.info("Allocating KV cache")
+        layer = self.attention_layers[0]
+        num_blocks = self._num_blocks_that_fit()
+        if num_blocks < 1:
+            raise RuntimeError("no GPU memory left for the KV cache: lower max_num_batched_tokens or "
+                               "max_model_len, or raise gpu_memory_utilization")
+        logger.info("KV cache configuration: num_kv_heads=%d, head_dim=%d, block_size=%d, dtype=%s",
+                    layer.num_kv_heads, layer.head_dim, self.block_size, str(self.dtype).removeprefix("torch."))
+        logger.info("Allocating %d KV cache blocks, total_size=%.2fGB", num_blocks,
+                    num_blocks * self._block_bytes() / 2**30)
+        self.kv_cache = torch.empty(2, len(self.attention_layers), num_blocks, self.block_size,
+                                    layer.num_kv_heads, layer.head_dim, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.attention_layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        logger.info("After KV cache allocation - %s", memory_summary(self.device))
+        return num_blocks
+
+    # ----- inputs ---------------------------------------------------------------------------------
+    def _to_device(self, data, dtype: torch.dtype) -> torch.Tensor:
+        pin = self.device.type == "cuda"
+        return torch.as_tensor(np.asarray(data), dtype=dtype).pin_memory().to(self.device, non_blocking=True) \
+            if pin else torch.as_tensor(np.asarray(data), dtype=dtype)
+
+    def _block_table_array(self, seqs: list[Sequence]) -> np.ndarray:
+        width = max(len(s.block_table) for s in seqs)
+        table = np.zeros((len(seqs), width), dtype=np.int32)
+        for row, seq in zip(table, seqs):
+            row[:len(seq.block_table)] = seq.block_table
+        return table
+
+    def _prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        new_lens = np.array([len(s) - s.num_cached_tokens for s in seqs])
+        input_ids = np.concatenate([s.token_ids[s.num_cached_tokens:] for s in seqs])
+        starts = np.repeat([s.num_cached_tokens for s in seqs], new_lens)
+        offsets = np.arange(len(input_ids)) - np.repeat(np.cumsum(new_lens) - new_lens, new_lens)
+        positions = starts + offsets
+        tables = self._block_table_array(seqs)
+        rows = np.repeat(np.arange(len(seqs)), new_lens)
+        slot_mapping = tables[rows, positions // self.block_size] * self.block_size + positions % self.block_size
+        cu_seqlens_q = np.concatenate([[0], np.cumsum(new_lens)])
+        context_lens = [len(s) for s in seqs]
+        set_context(is_prefill=True, cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
+                    max_seqlen_q=int(new_lens.max()), max_seqlen_k=max(context_lens),
+                    has_cached_prefix=any(s.num_cached_tokens for s in seqs),
+                    slot_mapping=self._to_device(slot_mapping, torch.int64),
+                    context_lens=self._to_device(context_lens, torch.int32),
+                    block_tables=self._to_device(tables, torch.int32))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[Rank %d] PREFILL tensors: input_ids=[%d], positions=[%d], slot_mapping=[%d]",
+                         self.rank, len(input_ids), len(positions), len(slot_mapping))
+            logger.debug("[Rank %d] PREFILL: max_seqlen_q=%d, max_seqlen_k=%d, total_tokens=%d",
+                         self.rank, new_lens.max(), max(context_lens), len(input_ids))
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
+
+    def _prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = [s.last_token for s in seqs]
+        context_lens = [len(s) for s in seqs]
+        positions = [n - 1 for n in context_lens]
+        slot_mapping = [s.block_table[-1] * self.block_size + s.last_block_num_tokens - 1 for s in seqs]
+        tables = self._block_table_array(seqs)
+        set_context(is_prefill=False, slot_mapping=self._to_device(slot_mapping, torch.int64),
+                    context_lens=self._to_device(context_lens, torch.int32),
+                    block_tables=self._to_device(tables, torch.int32))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[Rank %d] DECODE tensors: input_ids=[%d], positions=[%d], context_lens=[%d], "
+                         "block_tables=%s", self.rank, len(seqs), len(seqs), len(seqs), list(tables.shape))
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
+
+    def _prepare_sampling(self, seqs: list[Sequence]) -> SamplingBatch:
+        params = [s.params for s in seqs]
+        temps = [p.temperature for p in params]
+        top_ks = [p.top_k for p in params]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        seeds = [-1 if p.seed is None else p.seed for p in params]
+        return SamplingBatch(
+            self._to_device(temps, torch.float32), self._to_device(top_ks, torch.int64),
+            self._to_device(top_ps, torch.float32), self._to_device(min_ps, torch.float32),
+            self._to_device(seeds, torch.int64), self._to_device([s.num_completion_tokens for s in seqs], torch.int64),
+            all_greedy=all(t == 0 for t in temps),
+            use_top_k_top_p=any(k > 0 for k in top_ks) or any(p < 1 for p in top_ps),
+            use_min_p=any(m > 0 for m in min_ps), any_seeded=any(s >= 0 for s in seeds))
+
+    # ----- forward --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
+        """One engine step on this rank: returns the sampled token per sequence (rank 0), else None."""
+        phase = "PREFILL" if is_prefill else "DECODE"
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[Rank %d] Preparing %s batch: %d sequences", self.rank, phase, len(seqs))
+        prepare = self._prepare_prefill if is_prefill else self._prepare_decode
+        input_ids, positions = prepare(seqs)
+        sampling = self._prepare_sampling(seqs) if self.rank == 0 else None
+        with timed(logger, f"[Rank {self.rank}] Model forward {phase}", self.device):
+            logits = self._forward(input_ids, positions, is_prefill)
+        if logger.isEnabledFor(logging.DEBUG) and logits is not None:
+            logger.debug("[Rank %d] Output: logits=%s", self.rank, list(logits.shape))
+        reset_context()
+        return self.sampler(logits, sampling).tolist() if self.rank == 0 else None
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor | None:
+        bs = input_ids.shape[0]
+        if is_prefill or not self.graphs or bs > self.graph_sizes[-1]:
+            return self.model.compute_logits(self.model(input_ids, positions))
+        return self.model.compute_logits(self._replay(input_ids, positions))
+
+    # ----- CUDA graphs ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _capture_cudagraphs(self) -> None:
+        config = self.config
+        self.graph_sizes = graph_batch_sizes(config.max_num_seqs)
+        max_bs, hidden = self.graph_sizes[-1], config.hf_config.hidden_size
+        self.graph_buffers = dict(
+            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=self.device),
+            context_lens=torch.ones(max_bs, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(max_bs, config.max_blocks_per_seq, dtype=torch.int32, device=self.device),
+            outputs=torch.zeros(max_bs, hidden, dtype=self.dtype, device=self.device))
+        buf, pool = self.graph_buffers, None
+        logger.info("Capturing CUDA graphs for decode batch sizes %s", self.graph_sizes)
+        for bs in reversed(self.graph_sizes):
+            graph = torch.cuda.CUDAGraph()
+            set_context(is_prefill=False, slot_mapping=buf["slot_mapping"][:bs],
+                        context_lens=buf["context_lens"][:bs], block_tables=buf["block_tables"][:bs],
+                        graph_replay=True)
+            buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])  # warm-up
+            with torch.cuda.graph(graph, pool):
+                buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize(self.device)
+            reset_context()
+        logger.info("Captured %d CUDA graphs - %s", len(self.graphs), memory_summary(self.device))
+
+    def _replay(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        bs = input_ids.shape[0]
+        graph_bs = next(b for b in self.graph_sizes if b >= bs)
+        ctx, buf = get_context(), self.graph_buffers
+        buf["input_ids"][:bs].copy_(input_ids)
+        buf["positions"][:bs].copy_(positions)
+        buf["slot_mapping"][bs:graph_bs].fill_(-1)
+        buf["slot_mapping"][:bs].copy_(ctx.slot_mapping)
+        buf["context_lens"][:bs].copy_(ctx.context_lens)
+        buf["block_tables"][:bs, :ctx.block_tables.shape[1]].copy_(ctx.block_tables)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[Rank %d] DECODE CUDA graph replay: batch=%d, graph_batch=%d, k_cache=%s, v_cache=%s "
+                         "(per-layer attention lines are not emitted during replay)", self.rank, bs, graph_bs,
+                         list(self.kv_cache[0].shape), list(self.kv_cache[1].shape))
+        self.graphs[graph_bs].replay()
+        return buf["outputs"][:bs]

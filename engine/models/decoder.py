@@ -1,0 +1,150 @@
+"""One decoder-only transformer covering Qwen3, Qwen2/2.5 and Llama 3.
+
+They differ only in switches read from the HF config: q/k RMSNorm (Qwen3), q/k/v bias (Qwen2),
+rope scaling (Llama 3), tied embeddings. Parameter names follow the HF checkpoints, except that
+q/k/v and gate/up are packed (see ``packed_modules``).
+"""
+import logging
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from engine.distributed import tp_size
+from engine.layers.attention import Attention
+from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.logger import get_logger
+
+logger = get_logger(__name__)
+
+
+def rope_settings(config: PretrainedConfig) -> tuple[float, dict | None]:
+    """(theta, scaling) from either transformers 5's ``rope_parameters`` or the older fields."""
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    scaling = params if params.get("rope_type", "default") != "default" else getattr(config, "rope_scaling", None)
+    return theta, scaling
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, qk_norm: bool, qkv_bias: bool):
+        super().__init__()
+        self.head_dim = head_dim_of(config)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads,
+                                          bias=qkv_bias or getattr(config, "attention_bias", False))
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=getattr(config, "attention_bias", False) and not qkv_bias)
+        theta, scaling = rope_settings(config)
+        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v)
+        return self.o_proj(out.flatten(1, -1))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={config.hidden_act!r} is not supported (only silu)")
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size,
+                                           bias=getattr(config, "mlp_bias", False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, qk_norm: bool, qkv_bias: bool):
+        super().__init__()
+        self.self_attn = DecoderAttention(config, qk_norm, qkv_bias)
+        self.mlp = DecoderMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual):
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, qk_norm: bool, qkv_bias: bool):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, qk_norm, qkv_bias) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DecoderForCausalLM(nn.Module):
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: PretrainedConfig, qk_norm: bool = False, qkv_bias: bool = False):
+        super().__init__()
+        self.model = DecoderModel(config, qk_norm, qkv_bias)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("Model config: num_layers=%d, hidden_size=%d, num_heads=%d, num_kv_heads=%d, "
+                        "head_dim=%d, vocab_size=%d, tp_size=%d", config.num_hidden_layers, config.hidden_size,
+                        config.num_attention_heads, config.num_key_value_heads, head_dim_of(config),
+                        config.vocab_size, tp_size())
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head(hidden)
+
+
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": dict(qk_norm=True),
+    "Qwen2ForCausalLM": dict(qkv_bias=True),
+    "LlamaForCausalLM": dict(),
+}
+
+
+def build_model(config: PretrainedConfig) -> DecoderForCausalLM:
+    """Instantiate the model named by ``config.architectures`` (see ``ARCHITECTURES``)."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch in ARCHITECTURES:
+            return DecoderForCausalLM(config, **ARCHITECTURES[arch])
+    raise ValueError(f"unsupported architectures {config.architectures}; supported: {sorted(ARCHITECTURES)}")

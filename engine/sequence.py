@@ -1,0 +1,73 @@
+"""A request's tokens and state as it moves through the scheduler."""
+import time
+from enum import Enum, auto
+from itertools import count
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, index: int = 0):
+        self.seq_id = next(Sequence._ids)
+        self.index = index  # position in the caller's prompt list
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_cached_tokens = 0  # prefix-cache hits at the latest scheduling
+        self.first_cached_tokens: int | None = None  # hits at first scheduling (reported to the user)
+        self.block_size = block_size
+        self.block_table: list[int] = []
+        self.params = params
+        self.finish_reason: str | None = None  # "eos" | "stop" | "max_tokens" | "max_model_len"
+        self.stop_text_end: int | None = None  # cut the text here when a stop string matched
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-len(self.token_ids) // self.block_size)
+
+    @property
+    def last_block_num_tokens(self) -> int:
+        return len(self.token_ids) - (self.num_blocks - 1) * self.block_size
+
+    def block(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+
+    def describe(self, prefill: bool) -> str:
+        if prefill:
+            return f"seq_{self.seq_id}(len={len(self)},cached={self.num_cached_tokens})"
+        return f"seq_{self.seq_id}(len={len(self)})"

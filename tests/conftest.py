@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight checkpoints built with transformers (no downloads)."""
+import os
+
+import pytest
+import torch
+
+from engine.demo import build_tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Paths of tiny Qwen3 (tied), Qwen2 (qkv bias, untied) and Llama 3 (rope scaling) checkpoints."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(str(root / arch), arch, seed=i) for i, arch in enumerate(["qwen3", "qwen2", "llama"])}
+
+
+def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Reference greedy continuation: full HF forward each step, no cache, fp32, EOS ignored."""
+    from transformers import AutoModelForCausalLM
+    model = hf_model(path)
+    ids = torch.tensor([prompt_ids])
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = int(model(ids).logits[0, -1].argmax())
+            out.append(next_id)
+            ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+    return out
+
+
+_HF_MODELS: dict = {}
+
+
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+    if path not in _HF_MODELS:
+        _HF_MODELS[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _HF_MODELS[path]
