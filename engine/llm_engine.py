@@ -28,12 +28,12 @@ class LLMEngine:
         logger.info("=" * 80)
         logger.info("Initializing LLMEngine")
         logger.info("Model: %s", model)
-        config_names = {f.name for f in fields(Config)} - {"model", "hf_config", "torch_dtype"}
-        unknown = set(kwargs) - config_names
+        config_names = [f.name for f in fields(Config) if f.name not in ("model", "hf_config", "torch_dtype")]
+        unknown = set(kwargs) - set(config_names)
         if unknown:
             raise TypeError(f"unknown LLM arguments: {sorted(unknown)}")
         self.config = Config(resolve_model_path(model), **kwargs)
-        logger.info("Configuration: %s", ", ".join(f"{k}={getattr(self.config, k)}" for k in sorted(config_names)))
+        logger.info("Configuration: %s", ", ".join(f"{k}={getattr(self.config, k)}" for k in config_names))
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         self.model_runner = self._start_runners()
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self._eos_token_ids())

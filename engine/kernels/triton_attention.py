@@ -92,16 +92,16 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
     for tile in range(start, end, BLOCK_N):
         tokens = tile + offs_n
         valid = tokens < end
-        rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
+        kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
                         BLOCK_N)
-        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -183,9 +183,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_p
     for tile in range(0, last_pos + 1, BLOCK_N):
         tokens = tile + offs_n
         valid = tokens < context_len
-        rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
+        kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
                         BLOCK_N)
-        k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if tile >= unmasked_end:
             visible = (tokens[None, :] <= q_pos[:, None]) & valid[None, :]
@@ -194,7 +194,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_p
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

@@ -1,0 +1,97 @@
+"""The LLM API: validation errors, stop strings, seeds, chat prompts, preemption under a tiny KV cache."""
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.conftest import hf_greedy
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(tiny_models["qwen3"], device="cpu", kvcache_block_size=16, max_model_len=128)
+
+
+def test_bad_prompts_name_index_and_reason(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=2)
+    cases = [(["ok", ""], "prompt 1: prompt is empty"), (["ok", None], "prompt 1: prompt must be"),
+             ([[1] * 200], "prompt 0: prompt has 200 tokens, more than max_model_len=128"),
+             ([[{"role": "user"}]], "prompt 0: chat message 0 needs"), ([[10**6]], "outside the vocabulary")]
+    for prompts, msg in cases:
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+            llm.generate(prompts, greedy, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
+        llm.generate(["a"], [greedy, greedy], use_tqdm=False)
+    assert llm.is_finished()  # nothing was queued by the failed calls
+
+
+def test_stop_strings_and_stop_tokens(llm):
+    base = llm.generate(["the red river"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0]
+    stop = base["text"][4:7]
+    out = llm.generate(["the red river"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0]
+    assert out["finish_reason"] == "stop" and out["text"] == base["text"][:base["text"].find(stop)]
+    assert out["token_ids"] == base["token_ids"][:len(out["token_ids"])]
+    tok = base["token_ids"][3]
+    out = llm.generate(["the red river"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                         stop_token_ids=[tok]), use_tqdm=False)[0]
+    assert out["finish_reason"] == "stop" and out["token_ids"][-1] == tok
+    assert len(out["token_ids"]) == base["token_ids"].index(tok) + 1
+
+
+def test_seeded_sampling_reproducible_and_result_fields(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True)
+    a = llm.generate(["a story", "a song"], params, use_tqdm=False)
+    b = llm.generate(["a song", "x", "a story"], params, use_tqdm=False)
+    assert a[0]["token_ids"] == b[2]["token_ids"] and a[1]["token_ids"] == b[0]["token_ids"]
+    r = a[0]
+    assert set(r) == {"text", "token_ids", "finish_reason", "num_prompt_tokens", "num_cached_tokens",
+                      "ttft_s", "latency_s"}
+    assert 0 < r["ttft_s"] <= r["latency_s"] and r["num_prompt_tokens"] == len(llm.tokenizer.encode("a story"))
+
+
+def test_chat_prompt_uses_template(llm):
+    msgs = [{"role": "user", "content": "hello"}]
+    ids = llm.encode_prompt(msgs)
+    text = llm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ids == llm.tokenizer.encode(text, add_special_tokens=False)
+    assert llm.generate([msgs], SamplingParams(max_tokens=3), use_tqdm=False)[0]["num_prompt_tokens"] == len(ids)
+
+
+def test_preemption_under_tiny_cache_matches_hf(tiny_models):
+    path = tiny_models["llama"]
+    llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=6)
+    records = []
+    llm.add_step_callback(records.append)
+    prompts = [[5 + i + j for j in range(20)] for i in range(4)]
+    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    assert sum(r.num_preempted for r in records) > 0
+    assert [o["token_ids"] for o in out] == [hf_greedy(path, p, 30) for p in prompts]
+
+
+def test_request_that_can_never_fit_fails_clearly(tiny_models):
+    llm = LLM(tiny_models["qwen3"], device="cpu", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=2)
+    with pytest.raises(ValueError, match=r"prompt 0: request needs up to 3 KV-cache blocks .* only 2 blocks"):
+        llm.generate([[3] * 20], SamplingParams(max_tokens=20), use_tqdm=False)
+
+
+def test_step_records_match_schedule(llm):
+    records = []
+    llm.add_step_callback(records.append)
+    llm.generate([[4] * 40, [4] * 40 + [5]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                 use_tqdm=False)
+    llm.step_callbacks.clear()
+    assert [r.phase for r in records] == ["prefill", "decode", "decode"]
+    assert records[0].batch_size == 2 and records[0].prefix_cache_hit_tokens in (32, 64)
+    assert records[0].num_tokens == 81 - records[0].prefix_cache_hit_tokens
+    assert [r.num_finished for r in records] == [0, 0, 2] and records[-1].num_running == 0
+    assert all(r.kv_blocks_used + r.kv_blocks_free == llm.model_runner.num_blocks for r in records)
+    assert [r.step for r in records] == list(range(records[0].step, records[0].step + 3))
+
+
+def test_invalid_engine_arguments():
+    with pytest.raises(ValueError, match="kvcache_block_size"):
+        LLM("demo", device="cpu", kvcache_block_size=24)
+    with pytest.raises(ValueError, match="neither a local model directory nor"):
+        LLM("/no/such/model", device="cpu")
+    with pytest.raises(TypeError, match="unknown LLM arguments"):
+        LLM("demo", device="cpu", max_batch=3)
