@@ -42,8 +42,8 @@ class LLMEngine:
 
     def _start_runners(self) -> ModelRunner:
         if self.config.tensor_parallel_size > 1:
-            from engine.tensor_parallel import start_tensor_parallel
-            return start_tensor_parallel(self.config)
+            from engine.tensor_parallel import TensorParallelRunner
+            return TensorParallelRunner(self.config)
         return ModelRunner(self.config)
 
     def _eos_token_ids(self) -> set[int]:
@@ -203,10 +203,9 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Release the model runner(s); the engine cannot be used afterwards."""
-        runner = getattr(self, "model_runner", None)
-        if runner is not None and hasattr(runner, "shutdown"):
-            runner.shutdown()
-        self.model_runner = None
+        if getattr(self, "model_runner", None) is not None:
+            self.model_runner.shutdown()
+            self.model_runner = None
 
 
 class LLM(LLMEngine):

@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.config import Config
 from engine.context import get_context, reset_context, set_context
@@ -50,6 +51,16 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if not config.enforce_eager and self.device.type == "cuda":
             self._capture_cudagraphs()
+
+    def shutdown(self) -> None:
+        """Drop the CUDA graphs, KV cache and weights so their memory can be reused."""
+        self.graphs.clear()
+        self.graph_buffers = None
+        for attn in self.attention_layers:
+            attn.k_cache = attn.v_cache = torch.tensor([])
+        self.kv_cache = self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ----- KV cache -------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -99,6 +110,10 @@ class ModelRunner:
         logger.info("Allocating KV cache")
         layer = self.attention_layers[0]
         num_blocks = self._num_blocks_that_fit()
+        if dist.is_initialized():  # every rank must hold the same number of blocks
+            count = torch.tensor([num_blocks], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_blocks = int(count.item())
         if num_blocks < 1:
             raise RuntimeError("no GPU memory left for the KV cache: lower max_num_batched_tokens or "
                                "max_model_len, or raise gpu_memory_utilization")

@@ -16,17 +16,16 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {arch: build_tiny_model(str(root / arch), arch, seed=i) for i, arch in enumerate(["qwen3", "qwen2", "llama"])}
 
 
-def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Reference greedy continuation: full HF forward each step, no cache, fp32, EOS ignored."""
-    from transformers import AutoModelForCausalLM
-    model = hf_model(path)
-    ids = torch.tensor([prompt_ids])
+def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int, model=None) -> list[int]:
+    """Reference greedy continuation: full HF forward each step, no cache, EOS ignored (fp32 CPU by default)."""
+    model = model if model is not None else hf_model(path)
+    ids = torch.tensor([prompt_ids], device=model.device)
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             next_id = int(model(ids).logits[0, -1].argmax())
             out.append(next_id)
-            ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+            ids = torch.cat([ids, torch.tensor([[next_id]], device=ids.device)], dim=1)
     return out
 
 

@@ -42,14 +42,31 @@ def _kv_rows(block_table_ptr, tile, offs_n, mask, stride_block, stride_token,
     """Element offsets of the cache rows of tokens ``tile + offs_n`` of one sequence.
 
     ``tile`` is a multiple of BLOCK_N, so a tile no larger than a cache block lies in one block
-    and needs one scalar block-table load; larger tiles gather one block id per token.
+    and needs one scalar block-table load; larger tiles gather one block id per token (lanes off
+    ``mask`` get garbage offsets, which callers only use under the same mask).
     """
     tokens = tile + offs_n
     if BLOCK_N <= BLOCK_SIZE:
         block = tl.load(block_table_ptr + tile // BLOCK_SIZE).to(tl.int64)
     else:
-        block = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+        block = tl.load(block_table_ptr + tokens // BLOCK_SIZE, mask=mask).to(tl.int64)
     return block * stride_block + (tokens % BLOCK_SIZE) * stride_token
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
+                         DOT_PRECISION: tl.constexpr):
+    """Fold one K/V tile into the running max ``m_i``, denominator ``l_i`` and output ``acc``.
+    ``visible`` masks (query row, key) pairs; None when every pair of the tile is visible."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if visible is not None:
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -90,20 +107,13 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     for tile in range(start, end, BLOCK_N):
-        tokens = tile + offs_n
-        valid = tokens < end
+        valid = tile + offs_n < end
         kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
-                        BLOCK_N)
+                           BLOCK_N)
         k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale,
+                                             DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
@@ -137,7 +147,8 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, out_ptr,
                    mask=active[:, None], other=0.0)
     total = tl.sum(weight, 0)
     acc = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, acc.to(out_ptr.dtype.element_ty))
+    out = out_ptr + seq * stride_ob + head * stride_oh + offs_d
+    tl.store(out, acc.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -177,26 +188,26 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_p
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Keys before `unmasked_end` are visible to every row of the tile: no causal mask there.
+    # Keys before `unmasked_end` are visible to every row of the tile: no masks in that loop.
     unmasked_end = (prefix_len + first_row // GROUP + 1) // BLOCK_N * BLOCK_N
+    for tile in range(0, unmasked_end, BLOCK_N):
+        kv_rows = _kv_rows(block_table, tile, offs_n, None, stride_cb, stride_ct, BLOCK_SIZE,
+                           BLOCK_N)
+        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :])
+        v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :])
+        m_i, l_i, acc = _online_softmax_step(q, k, v, None, m_i, l_i, acc, qk_scale,
+                                             DOT_PRECISION)
     last_pos = tl.minimum(prefix_len + (first_row + BLOCK_M - 1) // GROUP, context_len - 1)
-    for tile in range(0, last_pos + 1, BLOCK_N):
+    for tile in range(unmasked_end, last_pos + 1, BLOCK_N):
         tokens = tile + offs_n
         valid = tokens < context_len
         kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
-                        BLOCK_N)
+                           BLOCK_N)
         k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if tile >= unmasked_end:
-            visible = (tokens[None, :] <= q_pos[:, None]) & valid[None, :]
-            scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        visible = (tokens[None, :] <= q_pos[:, None]) & valid[None, :]
+        m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, qk_scale,
+                                             DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     tokens_o = (q_start + q_idx).to(tl.int64)
