@@ -106,7 +106,7 @@ class TensorParallelRunner(ModelRunner):
             _init_process_group(config, 0, port)
             super().__init__(config, 0)
         except BaseException:
-            self.shutdown()
+            self._finalizer()
             raise
         layer = self.attention_layers[0]
         logger.info("Tensor parallel layout: tp_size=%d, backend=%s, per rank: %d query heads, %d KV heads%s, "
