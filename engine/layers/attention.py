@@ -78,7 +78,7 @@ class Attention(nn.Module):
             return flash_attn_varlen_func(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, cu_k,
                                           ctx.max_seqlen_q, ctx.max_seqlen_k, softmax_scale=self.scale,
                                           causal=True, block_table=ctx.block_tables)
-        if self.backend == "triton" and not ctx.has_cached_prefix and _varlen_attn is not None:
+        if self.backend == "triton" and not ctx.has_cached_prefix and _varlen_attn is not None and q.is_cuda:
             return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
         fn = reference.paged_prefill_attention_ref
         if self.backend == "triton":
