@@ -1,0 +1,70 @@
+"""Where does an engine step's time go? Wraps the step's phases with synchronising timers and prints the
+mean time per phase, then a torch.profiler table of the top GPU kernels, for a decode-heavy workload.
+
+    python benchmarks/profile_step.py [--batch 256] [--ctx 512] [--steps 64]
+"""
+import argparse
+import collections
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.throughput import build_checkpoint  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.logger import configure  # noqa: E402
+
+
+def wrap(obj, name: str, totals: dict) -> None:
+    fn = getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        totals[name].append(time.perf_counter() - start)
+        return out
+    setattr(obj, name, timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-random")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=64)
+    args = ap.parse_args()
+    configure("WARNING")
+    llm = LLM(build_checkpoint(args.model_dir), max_model_len=4096)
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(args.ctx)] for _ in range(args.batch)]
+    params = SamplingParams(temperature=0.6, max_tokens=args.steps, ignore_eos=True)
+    llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    print(f"unwrapped: {args.batch} x {args.steps} tokens in {wall:.3f}s = {args.batch * args.steps / wall:.0f} tok/s, "
+          f"{1e3 * wall / args.steps:.2f} ms/step (incl. prefill)")
+    totals: dict = collections.defaultdict(list)
+    runner, sched = llm.model_runner, llm.scheduler
+    for obj, name in [(sched, "schedule"), (runner, "_prepare_decode"), (runner, "_prepare_sampling"),
+                      (runner, "_forward"), (runner.sampler, "forward"), (sched, "postprocess"), (llm, "_apply_stop_strings"),
+                      (llm, "step")]:
+        wrap(obj, name, totals)
+    llm.generate([[t + 1 for t in p] for p in prompts], params, use_tqdm=False)
+    for name, times in totals.items():
+        times = times[2:] if len(times) > 4 else times  # skip prefill-ish first steps
+        print(f"{name:22s} mean {1e3 * sum(times) / len(times):7.3f} ms  (n={len(times)})")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate([[t + 2 for t in p] for p in prompts], SamplingParams(temperature=0.6, max_tokens=8,
+                                                                           ignore_eos=True), use_tqdm=False)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()

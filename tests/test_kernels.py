@@ -1,0 +1,325 @@
+"""Triton KV-store and paged-attention kernels against engine.kernels.reference.
+
+Two tiers:
+* small sizes (unmarked): on CPU through the Triton interpreter, or on the GPU when there is one;
+* ``gpu``-marked: real sizes, bf16, contexts up to 8192, CUDA-graph capture; skipped without CUDA.
+
+The interpreter only works if TRITON_INTERPRET=1 was set before Triton was first imported (Triton
+decorates its own helpers such as ``tl.sum`` at import). This module sets it when there is no GPU;
+if something imported Triton earlier (torch._dynamo does, through transformers),
+``test_small_tier_in_fresh_interpreter`` reruns the small tier in a fresh process instead.
+
+The interpreter (Triton 3.9) multiplies bf16 dot operands as raw bits, so the CPU tier checks
+fp32 and fp16; bf16 is covered by the GPU tier. Outputs are poisoned with NaN before each call,
+so any element the kernel fails to write fails the check.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+from engine.kernels import reference, triton_attention, triton_kv  # noqa: E402
+
+
+def _interpreter_active() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(triton.language.cdiv, InterpretedFunction)
+
+
+IN_PROCESS = ON_GPU or _interpreter_active()
+small = pytest.mark.skipif(not IN_PROCESS, reason="Triton was imported before TRITON_INTERPRET "
+                           "was set: test_small_tier_in_fresh_interpreter runs this")
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "output has NaN: an element was not written"
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def make_paged(context_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int,
+               dtype: torch.dtype, gen: torch.Generator, spare_blocks: int = 2):
+    """Random caches plus block tables that scatter each sequence over a shuffled block pool.
+
+    Table entries past a sequence's blocks are -1 (as the engine pads them); the table is wider
+    than the longest sequence needs, so the kernels cannot rely on its width.
+    """
+    needed = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(needed) + spare_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(DEVICE)
+    v_cache = torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(DEVICE)
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.full((len(context_lens), max(needed) + spare_blocks), -1, dtype=torch.int32)
+    for row, count in enumerate(needed):
+        tables[row, :count] = torch.tensor(pool[:count], dtype=torch.int32)
+        pool = pool[count:]
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    return k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE)
+
+
+def strided_query(tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                  gen: torch.Generator) -> torch.Tensor:
+    """A query view sliced out of a wider fused-QKV-like buffer (token stride > heads * dim)."""
+    fused = torch.randn(tokens, num_heads + 3, head_dim, generator=gen).to(dtype).to(DEVICE)
+    return fused[:, 1:num_heads + 1]
+
+
+def poisoned_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+
+
+def check_decode(context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed,
+                 config=None):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables, lens = make_paged(context_lens, num_kv_heads, head_dim,
+                                                block_size, dtype, gen)
+    q = strided_query(len(context_lens), num_heads, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                                  out=poisoned_like(q), config=config)
+    ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+def check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                  seed, config=None):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables, lens = make_paged(context_lens, num_kv_heads, head_dim,
+                                                block_size, dtype, gen)
+    q = strided_query(sum(q_lens), num_heads, head_dim, dtype, gen)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    scale = head_dim ** -0.5
+    out = triton_attention.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale,
+                                                   max(q_lens), out=poisoned_like(q),
+                                                   config=config)
+    ref = reference.paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, tables, scale)
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+# ---------------------------------------------------------------- small tier (CPU interpreter)
+
+@pytest.mark.skipif(IN_PROCESS, reason="the small tier runs in this process")
+def test_small_tier_in_fresh_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+           "-k", "not fresh_interpreter"]
+    result = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout, result.stdout[-3000:]
+
+
+@small
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_store_kvcache(block_size, slot_dtype, dtype):
+    gen = torch.Generator().manual_seed(block_size + len(str(slot_dtype)) + len(str(dtype)))
+    num_kv_heads, head_dim, num_blocks, tokens = 3, 16, 4, 11
+    fused = torch.randn(tokens, 2 * num_kv_heads + 1, head_dim, generator=gen).to(dtype)
+    key, value = fused[:, :num_kv_heads].to(DEVICE), fused[:, num_kv_heads + 1:].to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[2, 7]] = -1
+    slots = slots.to(slot_dtype).to(DEVICE)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    triton_kv.store_kvcache(key, value, k_cache, v_cache, slots)
+    reference.store_kvcache_ref(key, value, k_ref, v_ref, slots)
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
+
+
+@small
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (4, 2), (6, 2), (8, 2)])
+@pytest.mark.parametrize("head_dim,dtype", [(16, torch.float32), (32, torch.float16)])
+def test_decode_small(block_size, num_heads, num_kv_heads, head_dim, dtype):
+    context_lens = [1, block_size - 1, block_size + 1, 2 * block_size + 7]
+    # block_n below / above the block size: one block per key tile / a block id per token
+    block_n = 32 if block_size == 16 else 16
+    config = triton_attention.DecodeConfig(block_n=block_n, num_stages=2)
+    check_decode(context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                 seed=block_size * num_heads + head_dim, config=config)
+
+
+@small
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_splits(num_splits):
+    """Forced split counts, including more splits than a short sequence has tiles."""
+    config = triton_attention.DecodeConfig(block_n=16, num_stages=2, num_splits=num_splits)
+    check_decode([1, 16, 45, 100], 4, 2, 16, 16, torch.float32, seed=num_splits, config=config)
+
+
+@small
+def test_decode_zero_context_gives_zeros():
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, tables, lens = make_paged([0, 20], 1, 16, 16, torch.float32, gen)
+    q = strided_query(2, 2, 16, torch.float32, gen)
+    for splits in (1, 2):
+        config = triton_attention.DecodeConfig(block_n=16, num_splits=splits)
+        out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25,
+                                                      out=poisoned_like(q), config=config)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        ref = reference.paged_decode_attention_ref(q[1:], k_cache, v_cache, tables[1:],
+                                                   lens[1:], 0.25)
+        assert rel_error(out[1:], ref) < TOLERANCE[torch.float32]
+
+
+@small
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (4, 2), (3, 1), (8, 2)])
+@pytest.mark.parametrize("head_dim,dtype", [(16, torch.float32), (32, torch.float16)])
+def test_prefill_small(block_size, num_heads, num_kv_heads, head_dim, dtype):
+    # (new tokens, context): no prefix, prefix not a multiple of the block, single token,
+    # and a long prompt that spans several query tiles.
+    q_lens = [5, 7, 1, 40]
+    context_lens = [5, 7 + block_size + 3, 18, 40]
+    block_n = 32 if block_size == 16 else 16
+    config = triton_attention.PrefillConfig(block_m=32, block_n=block_n, num_warps=4,
+                                            num_stages=2)
+    check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                  seed=block_size + num_heads * 7 + head_dim, config=config)
+
+
+@small
+def test_prefill_default_config_and_max_seqlen_from_cu():
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache, tables, lens = make_paged([9, 30], 2, 16, 16, torch.float32, gen)
+    q = strided_query(9 + 12, 4, 16, torch.float32, gen)
+    cu = torch.tensor([0, 9, 21], dtype=torch.int32, device=DEVICE)
+    out = triton_attention.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, 0.25)
+    ref = reference.paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, tables, 0.25)
+    assert rel_error(out, ref) < TOLERANCE[torch.float32]
+
+
+# ---------------------------------------------------------------------- GPU tier (real sizes)
+
+HEADS = [(16, 16), (16, 8), (32, 4)]  # GQA ratios 1, 2, 8
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_decode_gpu(block_size, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(block_size + num_heads)
+    lens = [1, 2, 255, 256, 257, 1000, 4095, 8192]
+    lens += torch.randint(1, 8193, (8,), generator=gen).tolist()
+    check_decode(lens, num_heads, num_kv_heads, 128, block_size, torch.bfloat16,
+                 seed=block_size * num_heads)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_decode_gpu_large_batch(block_size):
+    """Batch 256 (one split per sequence with the default heuristic), contexts 1..2048."""
+    gen = torch.Generator().manual_seed(block_size)
+    lens = torch.randint(1, 2049, (256,), generator=gen).tolist()
+    check_decode(lens, 16, 8, 128, block_size, torch.bfloat16, seed=block_size + 1)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_gpu_dtypes(dtype, head_dim):
+    check_decode([1, 300, 3000], 16, 8, head_dim, 16, dtype, seed=head_dim)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_prefill_gpu(block_size, num_heads, num_kv_heads):
+    # no prefix; prefix-cache hits of various lengths; a single new token; an 8192 context
+    q_lens = [1000, 37, 1, 2048, 513]
+    context_lens = [1000, 37 + 700, 4000, 8192, 513 + block_size]
+    check_prefill(q_lens, context_lens, num_heads, num_kv_heads, 128, block_size,
+                  torch.bfloat16, seed=block_size + 3 * num_heads)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_prefill_gpu_dtypes(dtype, head_dim):
+    check_prefill([300, 77], [300, 500], 8, 2, head_dim, 16, dtype, seed=head_dim)
+
+
+@gpu
+@needs_cuda
+def test_store_kvcache_gpu():
+    gen = torch.Generator().manual_seed(0)
+    num_blocks, block_size, num_kv_heads, head_dim, tokens = 64, 256, 8, 128, 5000
+    fused = torch.randn(tokens, 3 * num_kv_heads, head_dim, generator=gen).bfloat16().cuda()
+    key, value = fused[:, num_kv_heads:2 * num_kv_heads], fused[:, 2 * num_kv_heads:]
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[::7] = -1
+    slots = slots.cuda()
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    triton_kv.store_kvcache(key, value, k_cache, v_cache, slots)
+    reference.store_kvcache_ref(key, value, k_ref, v_ref, slots)
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_decode_cuda_graph(block_size):
+    """Capture once; replay after rewriting q, context_lens and block_tables in place."""
+    batch, num_heads, num_kv_heads, head_dim, max_len = 32, 16, 8, 128, 8192
+    gen = torch.Generator().manual_seed(block_size)
+    max_blocks = max_len // block_size
+    num_blocks = batch * max_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).bfloat16().cuda()
+    v_cache = torch.randn(shape, generator=gen).bfloat16().cuda()
+    q = torch.randn(batch, num_heads, head_dim, generator=gen).bfloat16().cuda()
+    tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device="cuda")
+    lens = torch.ones(batch, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim ** -0.5
+
+    def step():
+        triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for _ in range(3):
+        new_lens = torch.randint(1, max_len + 1, (batch,), generator=gen)
+        new_lens[0], new_lens[1] = 1, max_len
+        lens.copy_(new_lens.to(torch.int32))
+        tables.copy_(torch.randperm(num_blocks, generator=gen).view(batch, max_blocks).int())
+        q.copy_(torch.randn(q.shape, generator=gen).bfloat16())
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+        assert rel_error(out, ref) < TOLERANCE[torch.bfloat16]
