@@ -166,33 +166,35 @@ class ModelRunner:
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
 
     def _prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = [s.last_token for s in seqs]
-        context_lens = [len(s) for s in seqs]
-        positions = [n - 1 for n in context_lens]
-        slot_mapping = [s.block_table[-1] * self.block_size + s.last_block_num_tokens - 1 for s in seqs]
-        tables = self._block_table_array(seqs)
-        set_context(is_prefill=False, slot_mapping=self._to_device(slot_mapping, torch.int64),
-                    context_lens=self._to_device(context_lens, torch.int32),
-                    block_tables=self._to_device(tables, torch.int32))
+        n, tables = len(seqs), self._block_table_array(seqs)
+        packed = np.empty(4 * n + tables.size, dtype=np.int64)  # one host-to-device copy per step
+        rows = packed[:4 * n].reshape(4, n)
+        rows[0] = [s.last_token for s in seqs]
+        rows[3] = [len(s) for s in seqs]
+        rows[1] = rows[3] - 1
+        rows[2] = [s.block_table[-1] * self.block_size + s.last_block_num_tokens - 1 for s in seqs]
+        packed[4 * n:] = tables.ravel()
+        device = self._to_device(packed, torch.int64)
+        input_ids, positions, slot_mapping, context_lens = device[:4 * n].view(4, n)
+        set_context(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
+                    block_tables=device[4 * n:].view(tables.shape))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] DECODE tensors: input_ids=[%d], positions=[%d], context_lens=[%d], "
-                         "block_tables=%s", self.rank, len(seqs), len(seqs), len(seqs), list(tables.shape))
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
+                         "block_tables=%s", self.rank, n, n, n, list(tables.shape))
+        return input_ids, positions
 
     def _prepare_sampling(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [s.params for s in seqs]
-        temps = [p.temperature for p in params]
-        top_ks = [p.top_k for p in params]
-        top_ps = [p.top_p for p in params]
-        min_ps = [p.min_p for p in params]
-        seeds = [-1 if p.seed is None else p.seed for p in params]
-        return SamplingBatch(
-            self._to_device(temps, torch.float32), self._to_device(top_ks, torch.int64),
-            self._to_device(top_ps, torch.float32), self._to_device(min_ps, torch.float32),
-            self._to_device(seeds, torch.int64), self._to_device([s.num_completion_tokens for s in seqs], torch.int64),
-            all_greedy=all(t == 0 for t in temps),
-            use_top_k_top_p=any(k > 0 for k in top_ks) or any(p < 1 for p in top_ps),
-            use_min_p=any(m > 0 for m in min_ps), any_seeded=any(s >= 0 for s in seeds))
+        floats = np.array([[p.temperature for p in params], [p.top_p for p in params],
+                           [p.min_p for p in params]], dtype=np.float32)
+        ints = np.array([[p.top_k for p in params], [-1 if p.seed is None else p.seed for p in params],
+                         [s.num_completion_tokens for s in seqs]], dtype=np.int64)
+        temps, top_ps, min_ps = self._to_device(floats, torch.float32)
+        top_ks, seeds, positions = self._to_device(ints, torch.int64)
+        return SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, positions,
+                             all_greedy=not floats[0].any(),
+                             use_top_k_top_p=bool((ints[0] > 0).any() or (floats[1] < 1).any()),
+                             use_min_p=bool(floats[2].any()), any_seeded=bool((ints[1] >= 0).any()))
 
     # ----- forward --------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -99,8 +99,8 @@ def _decode(backend: str):
         from flash_attn import flash_attn_with_kvcache
 
         def run(q, k_cache, v_cache, block_tables, context_lens, scale):
-            out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=context_lens,
-                                          block_table=block_tables, softmax_scale=scale, causal=True)
+            out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=context_lens.int(),
+                                          block_table=block_tables.int(), softmax_scale=scale, causal=True)
             return out.squeeze(1)
         return run
     if backend == "triton":

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 
 from engine.distributed import tp_size
 from engine.layers.attention import Attention
+from engine.layers.fusion import silu_and_mul
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
@@ -72,8 +73,7 @@ class DecoderMLP(nn.Module):
                                            bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
