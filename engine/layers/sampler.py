@@ -1,13 +1,16 @@
 """Batched sampling: greedy, temperature, top-k, top-p, min-p, with per-request seeds.
 
-Sampling uses the exponential race (argmax of ``p / E`` with ``E ~ Exp(1)``), which draws from ``p``
-exactly. Rows with a seed get their noise from a counter-based hash of (seed, output position, token id),
+Sampling uses the Gumbel-max form of the exponential race: ``argmax(logits / T - log(E))`` with
+``E = -log(U) ~ Exp(1)`` draws from ``softmax(logits / T)`` exactly, with no softmax or sort on the common
+path (masks for top-k / top-p / min-p set excluded logits to -inf first). Rows with a seed get their noise from a counter-based hash of (seed, output position, token id),
 so a seeded request samples the same tokens whatever else is in the batch.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from engine.layers.fusion import fused_on_cuda
 
 _MASK31 = (1 << 31) - 1
 _MIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # splitmix/murmur finaliser constants as signed int64
@@ -56,22 +59,26 @@ class Sampler(nn.Module):
         logits = logits / torch.where(sampled_rows, batch.temperatures, 1.0).unsqueeze(1)
         if batch.use_top_k_top_p:
             logits = _top_k_top_p(logits, batch.top_ks, batch.top_ps)
-        probs = torch.softmax(logits, dim=-1)
         if batch.use_min_p:
+            probs = torch.softmax(logits, dim=-1)
             threshold = batch.min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        noise = self._uniform(probs, batch)
-        sampled = (probs / -torch.log(noise)).argmax(dim=-1)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        sampled = _gumbel_argmax(logits, self._uniform(logits, batch))
         return torch.where(sampled_rows, sampled, greedy)
 
-    def _uniform(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        if self.generator is None or self.generator.device != probs.device:
-            self.generator = torch.Generator(probs.device).manual_seed(self.seed)
-        noise = torch.rand(probs.shape, generator=self.generator, device=probs.device).clamp_(min=1e-10)
+    def _uniform(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if self.generator is None or self.generator.device != logits.device:
+            self.generator = torch.Generator(logits.device).manual_seed(self.seed)
+        noise = torch.rand(logits.shape, generator=self.generator, device=logits.device).clamp_(min=1e-10)
         if batch.any_seeded:
             seeded = (batch.seeds >= 0).nonzero().squeeze(1)
-            noise[seeded] = hashed_uniform(batch.seeds[seeded], batch.positions[seeded], probs.shape[1])
+            noise[seeded] = hashed_uniform(batch.seeds[seeded], batch.positions[seeded], logits.shape[1])
         return noise
+
+
+@fused_on_cuda
+def _gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    return (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
