@@ -59,11 +59,26 @@ def main() -> None:
     for name, times in totals.items():
         times = times[2:] if len(times) > 4 else times  # skip prefill-ish first steps
         print(f"{name:22s} mean {1e3 * sum(times) / len(times):7.3f} ms  (n={len(times)})")
+    print_decode_kernels(llm, [[t + 2 for t in p] for p in prompts])
+
+
+def print_decode_kernels(llm: LLM, prompts: list[list[int]], steps: int = 10) -> None:
+    """Profile only decode steps (the profiler starts after the prefill step) and list the top GPU kernels."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        llm.generate([[t + 2 for t in p] for p in prompts], SamplingParams(temperature=0.6, max_tokens=8,
-                                                                           ignore_eos=True), use_tqdm=False)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    seen = []
+
+    def on_step(record) -> None:
+        seen.append(record.phase)
+        if record.phase == "prefill" and len(seen) == 1:
+            prof.start()
+        elif len(seen) == steps + 1:
+            torch.cuda.synchronize()
+            prof.stop()
+    llm.add_step_callback(on_step)
+    llm.generate(prompts, SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True), use_tqdm=False)
+    print(f"GPU kernels over {steps} decode steps (batch {len(prompts)}):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -254,7 +254,8 @@ class ModelRunner:
         ctx, buf = get_context(), self.graph_buffers
         buf["input_ids"][:bs].copy_(input_ids)
         buf["positions"][:bs].copy_(positions)
-        buf["slot_mapping"][bs:graph_bs].fill_(-1)
+        buf["slot_mapping"][bs:graph_bs].fill_(-1)  # padding rows: no cache writes and no attention work
+        buf["context_lens"][bs:graph_bs].zero_()
         buf["slot_mapping"][:bs].copy_(ctx.slot_mapping)
         buf["context_lens"][:bs].copy_(ctx.context_lens)
         buf["block_tables"][:bs, :ctx.block_tables.shape[1]].copy_(ctx.block_tables)
