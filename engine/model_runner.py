@@ -46,6 +46,7 @@ class ModelRunner:
         self.model.eval()
         logger.info("After model loading - %s", memory_summary(self.device))
         self.sampler = Sampler(config.seed)
+        self._sampling_cache: tuple[list[int], SamplingBatch] | None = None
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -102,7 +103,7 @@ class ModelRunner:
         logits = torch.randn(n, config.hf_config.vocab_size, device=self.device)
         ones = torch.ones(n, device=self.device)
         self.sampler(logits, SamplingBatch(ones, ones.int(), ones * 0.9, ones * 0.1, -ones.long(), ones.long(),
-                                           False, True, True, False))
+                                           False, False, True, True, False))
         del logits
         torch.cuda.synchronize(self.device)
 
@@ -184,6 +185,11 @@ class ModelRunner:
         return input_ids, positions
 
     def _prepare_sampling(self, seqs: list[Sequence]) -> SamplingBatch:
+        """Per-row sampling tensors; reused while the batch is unchanged (seeded rows need fresh positions)."""
+        key = [s.seq_id for s in seqs]
+        if self._sampling_cache is not None and self._sampling_cache[0] == key \
+                and not self._sampling_cache[1].any_seeded:
+            return self._sampling_cache[1]
         params = [s.params for s in seqs]
         floats = np.array([[p.temperature for p in params], [p.top_p for p in params],
                            [p.min_p for p in params]], dtype=np.float32)
@@ -191,10 +197,12 @@ class ModelRunner:
                          [s.num_completion_tokens for s in seqs]], dtype=np.int64)
         temps, top_ps, min_ps = self._to_device(floats, torch.float32)
         top_ks, seeds, positions = self._to_device(ints, torch.int64)
-        return SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, positions,
-                             all_greedy=not floats[0].any(),
-                             use_top_k_top_p=bool((ints[0] > 0).any() or (floats[1] < 1).any()),
-                             use_min_p=bool(floats[2].any()), any_seeded=bool((ints[1] >= 0).any()))
+        batch = SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, positions,
+                              all_greedy=not floats[0].any(), any_greedy=not floats[0].all(),
+                              use_top_k_top_p=bool((ints[0] > 0).any() or (floats[1] < 1).any()),
+                              use_min_p=bool(floats[2].any()), any_seeded=bool((ints[1] >= 0).any()))
+        self._sampling_cache = (key, batch)
+        return batch
 
     # ----- forward --------------------------------------------------------------------------------
     @torch.inference_mode()

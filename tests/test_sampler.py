@@ -10,7 +10,8 @@ def batch(n, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, seeds=None, positi
     seeds = torch.tensor(seeds if seeds is not None else [-1] * n)
     positions = torch.tensor(positions if positions is not None else [0] * n)
     return SamplingBatch(t, torch.full((n,), top_k), torch.full((n,), float(top_p)), torch.full((n,), float(min_p)),
-                         seeds, positions, all_greedy=temperature == 0, use_top_k_top_p=top_k > 0 or top_p < 1,
+                         seeds, positions, all_greedy=temperature == 0, any_greedy=temperature == 0,
+                         use_top_k_top_p=top_k > 0 or top_p < 1,
                          use_min_p=min_p > 0, any_seeded=bool((seeds >= 0).any()))
 
 
@@ -61,3 +62,12 @@ def test_seeded_rows_reproducible_regardless_of_batch():
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_mixed_greedy_and_sampled_rows():
+    logits = torch.randn(6, 40)
+    b = batch(6)
+    b.temperatures = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    b.all_greedy, b.any_greedy = False, True
+    out = Sampler()(logits, b)
+    assert out[[0, 2, 4]].tolist() == logits[[0, 2, 4]].argmax(-1).tolist()

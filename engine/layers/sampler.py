@@ -38,6 +38,7 @@ class SamplingBatch:
     seeds: torch.Tensor         # < 0: no seed
     positions: torch.Tensor     # output position of the token being sampled
     all_greedy: bool
+    any_greedy: bool
     use_top_k_top_p: bool
     use_min_p: bool
     any_seeded: bool
@@ -51,25 +52,28 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits ``[B, V]`` → sampled token ids ``[B]``."""
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy
-        sampled_rows = batch.temperatures > 0
-        logits = logits / torch.where(sampled_rows, batch.temperatures, 1.0).unsqueeze(1)
-        if batch.use_top_k_top_p:
-            logits = _top_k_top_p(logits, batch.top_ks, batch.top_ps)
-        if batch.use_min_p:
-            probs = torch.softmax(logits, dim=-1)
-            threshold = batch.min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
-        sampled = _gumbel_argmax(logits, self._uniform(logits, batch))
-        return torch.where(sampled_rows, sampled, greedy)
+            return logits.argmax(dim=-1)
+        temperatures = batch.temperatures
+        if batch.use_top_k_top_p or batch.use_min_p:
+            logits = logits.float() / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
+            temperatures = torch.ones_like(temperatures)
+            if batch.use_top_k_top_p:
+                logits = _top_k_top_p(logits, batch.top_ks, batch.top_ps)
+            if batch.use_min_p:
+                probs = torch.softmax(logits, dim=-1)
+                threshold = batch.min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+                logits = logits.masked_fill(probs < threshold, float("-inf"))
+        sampled = _gumbel_argmax(logits, temperatures, self._uniform(logits, batch))
+        if batch.any_greedy:
+            sampled = torch.where(batch.temperatures > 0, sampled, logits.argmax(dim=-1))
+        return sampled
 
     def _uniform(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if self.generator is None or self.generator.device != logits.device:
             self.generator = torch.Generator(logits.device).manual_seed(self.seed)
-        noise = torch.rand(logits.shape, generator=self.generator, device=logits.device).clamp_(min=1e-10)
+        noise = torch.rand(logits.shape, generator=self.generator, device=logits.device,
+                           dtype=torch.float32).clamp_(min=1e-10)
         if batch.any_seeded:
             seeded = (batch.seeds >= 0).nonzero().squeeze(1)
             noise[seeded] = hashed_uniform(batch.seeds[seeded], batch.positions[seeded], logits.shape[1])
@@ -77,8 +81,10 @@ class Sampler(nn.Module):
 
 
 @fused_on_cuda
-def _gumbel_argmax(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    return (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
+def _gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One pass over the logits: scale by temperature (0 → 1), add Gumbel noise, take the argmax."""
+    scale = torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
+    return (logits.float() / scale - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
