@@ -1,6 +1,7 @@
 """Owns the model on one device (one TP rank): weights, the paged KV cache, CUDA graphs, input preparation,
 the forward pass and sampling."""
 import logging
+from itertools import chain
 
 import numpy as np
 import torch
@@ -136,10 +137,12 @@ class ModelRunner:
             if pin else torch.as_tensor(np.asarray(data), dtype=dtype)
 
     def _block_table_array(self, seqs: list[Sequence]) -> np.ndarray:
-        width = max(len(s.block_table) for s in seqs)
-        table = np.zeros((len(seqs), width), dtype=np.int32)
-        for row, seq in zip(table, seqs):
-            row[:len(seq.block_table)] = seq.block_table
+        """Block tables padded with 0 into one ``[n, max_blocks]`` array, built without a per-row loop."""
+        lengths = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), dtype=np.int32, count=int(lengths.sum()))
+        table = np.zeros((len(seqs), int(lengths.max())), dtype=np.int32)
+        rows = np.repeat(np.arange(len(seqs)), lengths)
+        table[rows, np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = flat
         return table
 
     def _prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,24 +29,38 @@ def engine_prefill_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
 def test_bf16_logits_and_greedy_match_hf(tiny_models, arch):
+    """bf16 logits close to HF's; greedy tokens equal HF's for 8 steps, except where HF itself sees a tie
+    within bf16 noise (its top two logits closer than the logit tolerance), which is counted and printed."""
     from transformers import AutoModelForCausalLM
     path = tiny_models[arch]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (7, 16, 33, 100, 250)]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(path, dtype="bfloat16", kvcache_block_size=16, max_model_len=512, gpu_memory_utilization=0.3)
-    ours = engine_prefill_logits(llm, prompts)
-    with torch.no_grad():
-        ref = torch.stack([hf(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts])
-    err = (ours - ref).abs().max().item()
-    print(f"\n[{arch}] bf16 last-token logits: max abs error vs HF = {err:.4f} (logit scale {ref.abs().max():.1f})")
-    assert err < 0.05 * ref.abs().max().item()
-
-    steps = 8
-    out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
+    try:
+        ours = engine_prefill_logits(llm, prompts)
+        with torch.no_grad():
+            ref = torch.stack([hf(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts])
+        err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
+        assert err < 0.05 * scale
+        steps, tol = 8, 2 * max(err, 0.05)
+        out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    exact = near_ties = 0
     for p, o in zip(prompts, out):
-        assert o["token_ids"] == hf_greedy(path, p, steps, hf), f"{arch}: greedy differs for a {len(p)}-token prompt"
-    llm.shutdown()
+        expected = hf_greedy(path, p, steps, hf)
+        first_diff = next((i for i, (a, b) in enumerate(zip(o["token_ids"], expected)) if a != b), steps)
+        exact += first_diff
+        if first_diff < steps:  # allowed only if HF's own choice was a bf16-level tie with ours
+            with torch.no_grad():
+                ids = torch.tensor([p + expected[:first_diff]], device="cuda")
+                logits = hf(ids).logits[0, -1].float()
+            margin = (logits[expected[first_diff]] - logits[o["token_ids"][first_diff]]).item()
+            assert margin < tol, f"{arch}: greedy differs at step {first_diff} with HF margin {margin:.3f}"
+            near_ties += 1
+    print(f"\n[{arch}] bf16 logits max abs error vs HF = {err:.4f} (logit scale {scale:.1f}); greedy: "
+          f"{exact}/{steps * len(prompts)} steps equal before any divergence, {near_ties} divergence(s) at HF near-ties")
 
 
 def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):
@@ -59,9 +73,12 @@ def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):
     with torch.device("cuda"):
         AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(tmp_path))
     llm = LLM(str(tmp_path), max_model_len=2048)
-    assert llm.model_runner.graphs, "CUDA graphs were not captured"
-    rng = random.Random(0)
-    prompts = [[rng.randrange(0, 151936) for _ in range(rng.randint(100, 1024))] for _ in range(64)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.6, max_tokens=128, ignore_eos=True), use_tqdm=False)
-    assert all(len(o["token_ids"]) == 128 for o in outs)
-    llm.shutdown()
+    try:
+        assert llm.model_runner.graphs, "CUDA graphs were not captured"
+        rng = random.Random(0)
+        prompts = [[rng.randrange(0, 151936) for _ in range(rng.randint(100, 1024))] for _ in range(64)]
+        outs = llm.generate(prompts, SamplingParams(temperature=0.6, max_tokens=128, ignore_eos=True),
+                            use_tqdm=False)
+        assert all(len(o["token_ids"]) == 128 for o in outs)
+    finally:
+        llm.shutdown()
