@@ -71,10 +71,11 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def can_allocate(self, seq: Sequence) -> tuple[bool, int]:
+        """(whether the sequence fits now, how many of its prompt tokens the prefix cache would serve)."""
         hits = self._cached_prefix(seq, self._full_block_hashes(seq))
         hits_in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)
-        return self.num_free_blocks >= seq.num_blocks - hits_in_use
+        return self.num_free_blocks >= seq.num_blocks - hits_in_use, len(hits) * self.block_size
 
     def allocate(self, seq: Sequence) -> None:
         assert not seq.block_table

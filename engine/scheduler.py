@@ -50,7 +50,8 @@ class Scheduler:
         scheduled, num_tokens = [], 0
         while self.waiting and len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
-            if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
+            fits, cached = self.block_manager.can_allocate(seq)
+            if not fits or num_tokens + len(seq) - cached > self.max_num_batched_tokens:
                 break
             self.block_manager.allocate(seq)
             if seq.first_cached_tokens is None:

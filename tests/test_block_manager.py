@@ -21,7 +21,7 @@ def test_allocate_hits_refcounts_and_free():
     bm.allocate(s1)
     assert bm.num_free_blocks == 5 and s1.num_cached_tokens == 0
     s2 = seq(list(range(32)) + [99] * 5)           # shares 2 full blocks
-    assert bm.can_allocate(s2)
+    assert bm.can_allocate(s2) == (True, 32)
     bm.allocate(s2)
     assert s2.block_table[:2] == s1.block_table[:2] and s2.num_cached_tokens == 32
     assert [bm.blocks[b].ref_count for b in s1.block_table] == [2, 2, 1]
@@ -86,6 +86,6 @@ def test_can_allocate_counts_shared_blocks():
     bm = BlockManager(3, BS)
     s1 = seq(list(range(40)))
     bm.allocate(s1)                                # uses all 3 blocks
-    assert not bm.can_allocate(seq([1] * 5))
+    assert bm.can_allocate(seq([1] * 5)) == (False, 0)
     s2 = seq(list(range(32)) + [3])                # 2 shared + 1 new block: still no room
-    assert not bm.can_allocate(s2)
+    assert bm.can_allocate(s2) == (False, 32)

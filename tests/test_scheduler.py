@@ -15,13 +15,13 @@ def make(n_blocks=4):
     return Scheduler(FakeConfig(), n_blocks, eos_token_ids={0})
 
 
-def seq(n, **kw):
-    return Sequence(list(range(1, n + 1)), SamplingParams(**{"max_tokens": 40, **kw}), 16)
+def seq(n, first=1, **kw):
+    return Sequence(list(range(first, first + n)), SamplingParams(**{"max_tokens": 40, **kw}), 16)
 
 
 def test_prefill_respects_token_budget_then_decodes():
     sch = make(n_blocks=16)
-    a, b, c = seq(30), seq(30), seq(30)
+    a, b, c = seq(30), seq(30, first=100), seq(30, first=200)  # distinct: no prefix-cache hits
     for s in (a, b, c):
         sch.add(s)
     batch, prefill = sch.schedule()
@@ -36,7 +36,7 @@ def test_prefill_respects_token_budget_then_decodes():
 
 def test_preemption_when_blocks_run_out_and_recompute():
     sch = make(n_blocks=4)
-    a, b = seq(32), seq(32)                        # 2 full blocks each: the cache is full
+    a, b = seq(32), seq(32, first=100)             # 2 full blocks each: the cache is full
     sch.add(a)
     sch.add(b)
     batch, _ = sch.schedule()
@@ -68,3 +68,16 @@ def test_max_model_len_stops_sequence():
     sch.add(s)
     batch, _ = sch.schedule()
     assert sch.postprocess(batch, [4]) == [s] and s.finish_reason == "max_model_len"
+
+
+def test_prefill_budget_counts_only_uncached_tokens():
+    sch = make(n_blocks=16)
+    first = Sequence(list(range(1, 49)), SamplingParams(max_tokens=4), 16)
+    sch.add(first)
+    batch, _ = sch.schedule()
+    sch.postprocess(batch, [7])
+    same = [Sequence(list(range(1, 49)) + [90 + i], SamplingParams(max_tokens=4), 16) for i in range(3)]
+    for s in same:
+        sch.add(s)
+    batch, prefill = sch.schedule()     # 3 x 49 tokens exceed the 64-token budget, but 48 of each are cached
+    assert prefill and batch == same and [s.num_cached_tokens for s in same] == [48, 48, 48]
