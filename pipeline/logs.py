@@ -1,0 +1,48 @@
+"""Actor-side logging: every line an actor's engine or pipeline code logs carries the actor's id.
+
+Actor stdout/stderr land in Ray's per-actor log files (the dashboard's actor logs, ``ray.util.state.get_log``)
+and are forwarded to the driver's console, where Ray prefixes them with the actor's ``repr``.
+"""
+import logging
+import sys
+
+FORMAT = "[%(asctime)s] [%(name)s] [%(levelname)s] %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+class ActorTag(logging.Filter):
+    """Prefix each record's message with ``[actor-id]``, once, however many tagged handlers see it."""
+
+    def __init__(self, actor_id: str):
+        super().__init__()
+        self.prefix = f"[{actor_id}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "actor_tagged", False):
+            record.msg = f"{self.prefix}{record.msg}"
+            record.actor_tagged = True
+        return True
+
+
+def tag_logger(name: str, actor_id: str) -> None:
+    """Tag the lines of logger ``name``: on its own handlers, or the root's when it has none (propagates)."""
+    logger = logging.getLogger(name)
+    for handler in logger.handlers or logging.getLogger().handlers:
+        if not any(isinstance(f, ActorTag) for f in handler.filters):
+            handler.addFilter(ActorTag(actor_id))
+
+
+def actor_logger(actor_id: str, level: str) -> logging.Logger:
+    """The pipeline's logger inside an actor: stderr, the engine's format, tagged with ``actor_id``.
+
+    Logs at INFO (one line per shard), or DEBUG when the job's --log-level is DEBUG.
+    """
+    logger = logging.getLogger("pipeline.actor")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if level == "DEBUG" else logging.INFO)
+    tag_logger(logger.name, actor_id)
+    return logger

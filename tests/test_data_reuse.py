@@ -1,0 +1,118 @@
+"""Generation inside other data pipelines (issue 6): the ``pipeline.data.Generate`` class as a Ray Data
+``map_batches`` step between a user's own steps, and ``generate_table`` on a pyarrow Table or a Hugging Face
+Dataset without Ray. Both add exactly the columns of an offline_batch job, with the same row rules."""
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipeline.data import Generate, generate_table, to_arrow
+from pipeline.errors import UsageError
+from pipeline.rows import OUTPUT_SCHEMA
+from test_pipeline_support import start_ray_cluster
+
+ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
+
+# The demo model on CPU with a short context and 16-token KV blocks; greedy, so every path must agree.
+ENGINE = dict(model="demo", device="cpu", max_model_len=256, kvcache_block_size=16, max_tokens=4, temperature=0.0)
+TOPICS = ["rivers", "harbours", None, "stars", "bridges", "", "forests", "rain"]   # None and "" become errors
+BAD = {2: "invalid prompt", 5: "invalid prompt"}
+
+
+def topics_table() -> pa.Table:
+    return pa.table({"id": pa.array(range(len(TOPICS)), pa.int64()), "topic": pa.array(TOPICS, pa.string()),
+                     "max_tokens": pa.array([2 if i == 3 else None for i in range(len(TOPICS))], pa.int64())})
+
+
+def add_prompt(batch: pa.Table) -> pa.Table:
+    """A user's step before generation: build the prompt from another column."""
+    prompts = [None if t is None else (f"Tell me about {t}" if t else "") for t in batch["topic"].to_pylist()]
+    return batch.append_column("prompt", pa.array(prompts, pa.string()))
+
+
+def add_length(batch: pa.Table) -> pa.Table:
+    """A user's step after generation: it sees the result columns."""
+    lengths = [None if t is None else len(t) for t in batch["generated_text"].to_pylist()]
+    return batch.append_column("text_chars", pa.array(lengths, pa.int64()))
+
+
+@pytest.fixture(scope="module")
+def local_results() -> pa.Table:
+    """The same rows through generate_table, in this process (no Ray)."""
+    return generate_table(add_prompt(topics_table()), **ENGINE)
+
+
+def check_results(table: pa.Table, input_columns: list[str]) -> None:
+    assert table.column_names[:len(input_columns) + len(OUTPUT_SCHEMA)] == input_columns + OUTPUT_SCHEMA.names
+    assert table.select(OUTPUT_SCHEMA.names).schema == OUTPUT_SCHEMA
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == list(range(len(TOPICS)))
+    for r in rows:
+        if r["id"] in BAD:
+            assert r["finish_reason"] == "error" and BAD[r["id"]] in r["error"] and r["generated_token_ids"] is None
+        else:
+            assert r["error"] is None and r["num_generated_tokens"] == len(r["generated_token_ids"]) == \
+                (2 if r["id"] == 3 else 4)     # row 3 overrides max_tokens
+            assert r["num_prompt_tokens"] > 0 and 0 < r["ttft_s"] <= r["latency_s"]
+
+
+def test_generate_class_runs_between_ray_data_steps(ray_cluster, local_results):
+    import ray.data
+    ds = (ray.data.from_arrow(topics_table())
+          .map_batches(add_prompt, batch_format="pyarrow")
+          .map_batches(Generate, fn_constructor_kwargs=ENGINE, concurrency=1, num_cpus=1, num_gpus=0, batch_size=3,
+                       batch_format="pyarrow")
+          .map_batches(add_length, batch_format="pyarrow"))
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id")
+    check_results(table, ["id", "topic", "max_tokens", "prompt"])
+    assert table.column_names[-1] == "text_chars"
+    # The same tokens as without Ray (greedy), one Ray actor, and its batches numbered as shards.
+    assert table["generated_token_ids"].to_pylist() == local_results["generated_token_ids"].to_pylist()
+    (actor_id,) = set(table["actor_id"].to_pylist())
+    assert actor_id.startswith("data-") and set(table["shard_id"].to_pylist()) == {0, 1, 2}
+
+
+def test_generate_table_takes_and_returns_a_pyarrow_table(local_results):
+    assert isinstance(local_results, pa.Table)
+    check_results(local_results, ["id", "topic", "max_tokens", "prompt"])
+    assert set(local_results["actor_id"].to_pylist()) == {f"local-{os.getpid()}"}
+
+
+def test_generate_table_takes_and_returns_a_hf_dataset(local_results):
+    import datasets
+    rows = datasets.Dataset(add_prompt(topics_table()).remove_column(1)).shuffle(seed=1)  # shuffled: an indices map
+    out = generate_table(rows, **ENGINE)
+    assert isinstance(out, datasets.Dataset) and out.num_rows == len(TOPICS)
+    table = out.with_format("arrow")[:].sort_by("id")
+    check_results(table, ["id", "max_tokens", "prompt"])
+    assert table["generated_token_ids"].to_pylist() == local_results["generated_token_ids"].to_pylist()
+
+
+def test_generate_instance_reuses_its_engine_and_follows_the_job_column_rules():
+    """A chat ``messages`` column is used when ``prompt`` is absent; columns that clash with results are refused."""
+    generate = Generate(**ENGINE)
+    try:
+        chat = pa.table({"messages": [[{"role": "user", "content": "Hi there"}]]})
+        first = generate(chat)
+        assert first["finish_reason"].to_pylist() == ["length"] and first["shard_id"].to_pylist() == [0]
+        assert generate(chat)["shard_id"].to_pylist() == [1]
+        with pytest.raises(UsageError, match="clash"):
+            generate(pa.table({"prompt": ["Hi"], "error": ["mine"]}))
+    finally:
+        generate.shutdown()
+
+
+def test_other_batch_formats_become_arrow_with_nulls_for_nan():
+    """Ray Data's default batch format (dict of NumPy arrays) and pandas batches: NaN means a missing value."""
+    numpy_batch = {"prompt": np.array(["a", "b"], dtype=object), "max_tokens": np.array([3.0, np.nan])}
+    for batch in (numpy_batch, pd.DataFrame(numpy_batch)):
+        table = to_arrow(batch)
+        assert table.column_names == ["prompt", "max_tokens"]
+        assert table["prompt"].to_pylist() == ["a", "b"] and table["max_tokens"].to_pylist() == [3.0, None]
+
+
+def test_generate_table_rejects_other_types_before_loading_a_model():
+    with pytest.raises(TypeError, match="pyarrow.Table or datasets.Dataset"):
+        generate_table([{"prompt": "hi"}], model="/no/such/model")

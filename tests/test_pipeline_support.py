@@ -1,0 +1,113 @@
+"""Shared helpers for the pipeline and reliability tests (no tests here): a local Ray cluster per test
+module, job flags for the tiny demo model, and readers for a job's output."""
+import os
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.actor import EngineActor
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+@dataclass
+class Cluster:
+    address: str        # GCS address, for drivers started as subprocesses (--address)
+    metrics_port: int   # Prometheus endpoint of the node: http://127.0.0.1:<port>/metrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray_cluster():
+    """One local Ray instance per test module (``ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)``),
+    with the dashboard (state API, logs) and a metrics port.
+
+    Workers import ``pipeline`` and the test modules (for fault-injecting actor subclasses) from
+    ``code_search_path``; metrics are exported every second instead of every ten.
+    """
+    port = free_port()
+    ctx = ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, _metrics_export_port=port,
+                   _system_config={"metrics_report_interval_ms": 1000},
+                   job_config=ray.job_config.JobConfig(code_search_path=[str(REPO), str(TESTS)]))
+    yield Cluster(ctx.address_info["gcs_address"], port)
+    ray.shutdown()
+
+
+class PacedActor(EngineActor):
+    """The real actor, slowed by 0.4 s per shard: long enough that both actors of a small job overlap even when
+    one loads its engine seconds after the other, and that a test can act while shards are still running."""
+
+    def _generate(self, prompts, params):
+        time.sleep(0.4)
+        return super()._generate(prompts, params)
+
+
+def job_argv(input_path, output, *extra: str, actors: int = 1, shard_size: int = 4, max_tokens: int = 4) -> list[str]:
+    """Flags for a small CPU job on the demo model (kv blocks of 16 tokens, max_model_len 256)."""
+    args = ["--output", str(output), "--device", "cpu", "--num-actors", str(actors), "--shard-size", str(shard_size),
+            "--max-tokens", str(max_tokens), "--max-model-len", "256", "--engine-arg", "kvcache_block_size=16",
+            "--progress-interval", "5"]
+    if input_path is not None:
+        args = ["--input", str(input_path), *args]
+    return [*args, *extra]
+
+
+def write_prompts(path: Path, prompts: list, **columns: list) -> Path:
+    """A Parquet input with an ``id`` column, ``prompt`` and any extra columns."""
+    table = pa.table({"id": list(range(len(prompts))), "prompt": prompts, **columns})
+    pq.write_table(table, path)
+    return path
+
+
+def read_results(output: Path) -> pa.Table:
+    parts = sorted((Path(output) / "results").glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def assert_each_id_once(results: pa.Table, num_rows: int) -> None:
+    ids = results.column("id").to_pylist()
+    assert sorted(ids) == list(range(num_rows)), f"rows missing or duplicated: {sorted(ids)}"
+
+
+def part_files(output: Path) -> list[Path]:
+    return sorted((Path(output) / "results").glob("part-*.parquet"))
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def scrape_metrics(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) for every sample on the Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if match and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a driver started as a subprocess (unbuffered, quiet tokenizers)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -1,0 +1,256 @@
+"""Reliability (issue 7): bad inputs and flags fail early with one line; a killed actor, a killed or interrupted
+driver, a poisoned row and a full disk each leave every row exactly once (docs/reliability.md maps each fault
+to its test here)."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from ray.util.state import list_actors
+
+from pipeline.actor import EngineActor
+from pipeline.cli import main
+from pipeline.config import parse_config
+from pipeline.driver import run_job
+from pipeline.errors import JobFailed, UsageError
+from test_pipeline_support import (REPO, PacedActor, assert_each_id_once, job_argv, part_files, read_results,
+                                   start_ray_cluster, subprocess_env, wait_for, write_prompts)
+
+ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
+
+PROMPTS = [f"Prompt number {i} about the sea" for i in range(8)]
+
+
+# ----- bad inputs and flags: one line, non-zero exit, nothing started ---------------------------------------------
+def _bad_inputs(tmp_path):
+    """name -> (argv, expected message, exit code). Each case gets its own files."""
+    ok = write_prompts(tmp_path / "ok.parquet", PROMPTS)
+    (tmp_path / "corrupt.parquet").write_bytes(b"this is not parquet")
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "fine"}\n{"prompt": \n')
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "no_prompt.parquet")
+    pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "int_prompt.parquet")
+    pq.write_table(pa.table({"prompt": ["a"], "max_tokens": ["lots"]}), tmp_path / "str_override.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "model_without_config").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "stale" / "results").mkdir(parents=True)
+    out = str(tmp_path / "out")
+    return {
+        "missing file": (["--input", str(tmp_path / "nope.parquet"), "--output", out], "input not found", 2),
+        "unreadable file": (["--input", str(tmp_path / "corrupt.parquet"), "--output", out],
+                            "cannot read .*corrupt.parquet as parquet", 2),
+        "unsupported format": (["--input", str(tmp_path / "prompts.txt"), "--output", out],
+                               "unsupported input file", 2),
+        "malformed jsonl": (["--input", str(tmp_path / "broken.jsonl"), "--output", out], "as json", 2),
+        "missing prompt column": (["--input", str(tmp_path / "no_prompt.parquet"), "--output", out],
+                                  "no column 'prompt' \\(columns: text\\)", 2),
+        "missing custom column": (["--input", str(ok), "--prompt-column", "question", "--output", out],
+                                  "no column 'question'", 2),
+        "wrong prompt type": (["--input", str(tmp_path / "int_prompt.parquet"), "--output", out],
+                              "column 'prompt' has type int64", 2),
+        "wrong override type": (["--input", str(tmp_path / "str_override.parquet"), "--output", out],
+                                "column 'max_tokens' .* has type string", 2),
+        "empty dataset": (["--input", str(tmp_path / "empty.parquet"), "--output", out], "has no rows", 2),
+        "empty directory": (["--input", str(tmp_path / "empty_dir"), "--output", out], "has no data files", 2),
+        "unknown model path": (["--input", str(ok), "--model", "/no/such/model", "--output", out],
+                               "no such model directory", 2),
+        "model dir without config": (["--input", str(ok), "--model", str(tmp_path / "model_without_config"),
+                                      "--output", out], "no config.json", 2),
+        "output is a file": (["--input", str(ok), "--output", str(tmp_path / "a_file")], "not a directory", 2),
+        "output under a file": (["--input", str(ok), "--output", str(tmp_path / "a_file" / "sub")],
+                                "cannot create directory", 2),
+        "foreign results": (["--input", str(ok), "--output", str(tmp_path / "stale")], "no manifest.json", 2),
+        "resume nothing": (["--input", str(ok), "--output", out, "--resume"], "nothing to resume", 2),
+        "shard size 0": (["--shard-size", "0"], "--shard-size=0 must be >= 1", 2),
+        "shard size text": (["--shard-size", "many"], "argument --shard-size: invalid int value", 2),
+        "negative temperature": (["--temperature", "-1"], "--temperature=-1.0", 2),
+        "top-p 0": (["--top-p", "0"], "--top-p=0.0 must be in", 2),
+        "max tokens 0": (["--max-tokens", "0"], "--max-tokens=0", 2),
+        "no actors": (["--num-actors", "0"], "--num-actors=0", 2),
+        "negative retries": (["--max-shard-retries", "-1"], "--max-shard-retries=-1", 2),
+        "unknown device": (["--device", "tpu"], "invalid choice: 'tpu'", 2),
+        "unknown engine arg": (["--engine-arg", "warp_speed=9"], "--engine-arg 'warp_speed=9'", 2),
+        "resume and overwrite": (["--resume", "--overwrite"], "contradict", 2),
+        "bad job id": (["--job-id", "../escape"], "--job-id", 2),
+    }
+
+
+def test_bad_inputs_and_flags_fail_early_with_one_line(tmp_path, capsys, monkeypatch):
+    def no_ray(*_):
+        raise AssertionError("Ray must not be started for a bad input")
+
+    monkeypatch.setattr("pipeline.driver.connect_ray", no_ray)
+    for name, (argv, message, code) in _bad_inputs(tmp_path).items():
+        assert main(argv) == code, name
+        err = capsys.readouterr().err.strip().splitlines()
+        lines = [line for line in err if not line.startswith("[pipeline]")]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert re.search(message, lines[0]), (name, lines[0])
+    assert not (tmp_path / "out").exists()  # nothing was written for any of them
+
+
+def test_cli_exit_status_and_message(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "offline_batch.py"), "--input",
+                           str(tmp_path / "missing.parquet")], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: input not found: {tmp_path / 'missing.parquet'}"]
+
+
+def test_model_that_cannot_load_fails_the_job_in_one_line(ray_cluster, tmp_path):
+    model = tmp_path / "broken_model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # looks like a model directory, is not one
+    with pytest.raises(JobFailed, match="engine actor actor-0 failed to start: .*Error") as info:
+        run_job(parse_config(job_argv(write_prompts(tmp_path / "in.parquet", PROMPTS), tmp_path / "out",
+                                      "--model", str(model))))
+    assert "\n" not in str(info.value) and "resume with:" in str(info.value)
+
+
+# ----- faults during a job ----------------------------------------------------------------------------------------
+def test_killed_actor_shard_is_retried_and_every_row_comes_back_once(ray_cluster, tmp_path):
+    n = 64
+    config = parse_config(job_argv(write_prompts(tmp_path / "in.parquet", [f"kill test {i}" for i in range(n)]),
+                                   tmp_path / "out", "--job-id", "kill-actor", actors=2, shard_size=4, max_tokens=32))
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["report"] = run_job(config, actor_cls=PacedActor)
+        except BaseException as e:  # surfaced by the assertions below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    first = wait_for(lambda: part_files(tmp_path / "out"), 120, "the first part file")[0]
+    victim = pq.read_table(first).column("actor_id")[0].as_py()  # an actor that is running shards
+    alive = list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    (state,) = [a for a in alive if a.repr_name == f"EngineActor[{victim}]"]
+    os.kill(state.pid, signal.SIGKILL)
+    thread.join(timeout=240)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    stats = outcome["report"].stats
+    assert stats["status"] == "completed"
+    assert stats["actors"][victim]["status"] == "died"
+    assert stats["this_run"]["shard_retries"] >= 1 and stats["this_run"]["actors_replaced"] >= 1
+    results = read_results(tmp_path / "out")
+    assert_each_id_once(results, n)
+    assert results.column("error").null_count == n  # the retried shard succeeded: no row was given up
+    assert stats["rows_ok"] == n
+
+
+class PoisonedActor(EngineActor):
+    """Breaks inside ``generate`` on poisoned rows: 'CRASH' kills the process (like a segfault), 'RAISE'
+    raises. Either way the whole batch fails, so only splitting the shard can isolate the row."""
+
+    def _generate(self, prompts, params):
+        texts = [self.llm.tokenizer.decode(p) for p in prompts]
+        if any("CRASH" in t for t in texts):
+            os._exit(1)
+        if any("RAISE" in t for t in texts):
+            raise RuntimeError("poisoned row broke the batch")
+        return super()._generate(prompts, params)
+
+
+def test_poisoned_rows_are_isolated_and_the_rest_complete(ray_cluster, tmp_path):
+    prompts = [f"clean row {i}" for i in range(12)]
+    prompts[5], prompts[10] = "CRASH please", "RAISE please"
+    report = run_job(parse_config(job_argv(write_prompts(tmp_path / "in.parquet", prompts), tmp_path / "out",
+                                           "--max-shard-retries", "0", actors=2, shard_size=4)),
+                     actor_cls=PoisonedActor)
+    rows = read_results(tmp_path / "out").sort_by("id").to_pylist()
+    assert [r["id"] for r in rows] == list(range(12))
+    assert [i for i, r in enumerate(rows) if r["finish_reason"] == "error"] == [5, 10]
+    assert "died" in rows[5]["error"] and "RuntimeError: poisoned row broke the batch" in rows[10]["error"]
+    assert all(r["generated_token_ids"] for i, r in enumerate(rows) if i not in (5, 10))
+    # Each poisoned shard of 4: fails whole, its bad half of 2 fails, the bad row fails alone: 2 splits, 3 failures.
+    this_run = report.stats["this_run"]
+    assert this_run["shard_splits"] == 4 and this_run["actors_replaced"] == 6
+
+
+def test_disk_full_stops_the_job_clearly_and_keeps_written_shards(ray_cluster, tmp_path, monkeypatch):
+    real_write = pq.write_table
+
+    def fill_disk_at_part_2(table, where, *args, **kwargs):
+        if "part-00002" in str(where):
+            raise OSError(28, "No space left on device")
+        return real_write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr("pipeline.output.pq.write_table", fill_disk_at_part_2)
+    out = tmp_path / "out"
+    with pytest.raises(JobFailed, match="cannot write .*part-00002.parquet: No space left on device .*2 of 4 shards "
+                                        "are written.*resume with: python jobs/offline_batch.py"):
+        run_job(parse_config(job_argv(write_prompts(tmp_path / "in.parquet", PROMPTS), out, shard_size=2,
+                                      max_tokens=2)))
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert json.loads((out / "stats.json").read_text())["status"] == "failed"
+
+
+# ----- the driver dies or is stopped ------------------------------------------------------------------------------
+def _start_driver(ray_cluster, argv):
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "offline_batch.py"), "--address", ray_cluster.address,
+                             *argv], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _snapshot(output):
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in part_files(output)}
+
+
+def test_killed_driver_resumes_without_redoing_shards(ray_cluster, tmp_path):
+    n = 48
+    input_path = write_prompts(tmp_path / "in.parquet", [f"resume test {i}" for i in range(n)])
+    out = tmp_path / "out"
+    argv = job_argv(input_path, out, shard_size=4, max_tokens=32)
+    proc = _start_driver(ray_cluster, argv)
+    wait_for(lambda: len(part_files(out)) >= 2, 120, "two part files")
+    proc.kill()
+    proc.communicate(timeout=60)
+    before = _snapshot(out)
+    assert 2 <= len(before) < 12
+
+    report = run_job(parse_config(argv))  # the same command again
+    assert report.status == "completed" and report.stats["this_run"]["shards_skipped"] == len(before)
+    assert_each_id_once(read_results(out), n)
+    assert {name: _snapshot(out)[name] for name in before} == before  # finished shards were not rewritten
+    assert report.stats["rows_done"] == n
+
+    complete = _snapshot(out)
+    again = run_job(parse_config(argv))  # a finished job: nothing to do, nothing touched
+    assert again.status == "nothing to do" and _snapshot(out) == complete
+
+    write_prompts(input_path, [f"another input {i}" for i in range(n)])
+    with pytest.raises(UsageError, match="different input fingerprint .*refusing to resume"):
+        run_job(parse_config(argv))
+    assert main([*argv, "--overwrite", "--shard-size", "48", "--max-tokens", "2"]) == 0
+    results = read_results(out)
+    assert_each_id_once(results, n)
+    assert len(part_files(out)) == 1
+    assert results.column("prompt")[0].as_py() == "another input 0"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_driver_stops_gracefully_and_prints_how_to_resume(ray_cluster, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = _start_driver(ray_cluster, job_argv(None, out, shard_size=4, max_tokens=32))  # the 64 sample prompts
+    wait_for(lambda: part_files(out), 120, "the first part file")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert sorted(p.name for p in (out / "results").iterdir()) == [p.name for p in part_files(out)]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["status"] == "interrupted" and 0 < stats["rows_done"] < 64
+    command = err.split("resume with: ")[1].splitlines()[0]
+    assert command.startswith("python jobs/offline_batch.py ") and f"--output {out} --resume" in command
+    before = _snapshot(out)
+    assert main(shlex.split(command)[2:]) == 0  # the printed command finishes the job
+    assert_each_id_once(read_results(out), 64)
+    assert {name: _snapshot(out)[name] for name in before} == before
