@@ -24,4 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         s = report.stats
         print(f"done: {s['rows_total']} rows ({s['rows_failed']} failed), {s['generated_tokens']} tokens, "
               f"{s['output_tokens_per_s']:.1f} tok/s, {s['wall_time_s']:.1f}s -> {report.output}", flush=True)
+    if config.report and report.status in ("completed", "nothing to do"):
+        _render_report(str(report.output))
     return report.exit_code
+
+
+def _render_report(output: str) -> None:
+    """The results are already written: a report that cannot be drawn is a warning, not a failed job."""
+    try:
+        from pipeline.report import render_report
+        _, page = render_report(output)
+        print(f"report: {page}", flush=True)
+    except (ImportError, PipelineError, OSError) as e:
+        print(f"warning: no report: {e}", file=sys.stderr, flush=True)

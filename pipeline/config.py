@@ -44,6 +44,7 @@ class JobConfig:
     resume: bool = False
     overwrite: bool = False
     progress_interval_s: float = 30.0
+    report: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)
     command: tuple[str, ...] = ()       # the command line, to print how to resume
 
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true",
                     help="require resuming the job in --output (re-running with the same --output resumes anyway)")
     io.add_argument("--overwrite", action="store_true", help="discard previous results in --output and start over")
+    io.add_argument("--report", action="store_true",
+                    help="at the end, render <output>/report.png and report.html (needs matplotlib; docs/report.md)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--model", default="demo", help="local HF model directory, hub id, or 'demo' (tiny random model)")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per row")
@@ -146,7 +149,7 @@ def parse_config(argv: list[str]) -> JobConfig:
         max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, max_model_len=a.max_model_len,
         prompt_column=a.prompt_column, split=a.split, address=a.address, log_level=a.log_level,
         max_shard_retries=a.max_shard_retries, resume=a.resume, overwrite=a.overwrite,
-        progress_interval_s=a.progress_interval, engine_args=_parse_engine_args(a.engine_arg),
+        progress_interval_s=a.progress_interval, report=a.report, engine_args=_parse_engine_args(a.engine_arg),
         command=tuple(argv))
 
 

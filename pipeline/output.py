@@ -41,7 +41,8 @@ class OutputDir:
         self.steps_path = self.root / "steps.parquet"
         self.sample_path = self.root / "sample_prompts.parquet"
         # Everything the pipeline writes except the sample input; --overwrite removes exactly these.
-        self._owned = (self.results, self.step_parts, self.tmp, self.manifest_path, self.stats_path, self.steps_path)
+        self._owned = (self.results, self.step_parts, self.tmp, self.manifest_path, self.stats_path, self.steps_path,
+                       self.root / "report.png", self.root / "report.html")
 
     # ----- planning (no writes until prepare) ------------------------------------------------------------------
     def check(self, resume: bool, overwrite: bool) -> None:

@@ -39,7 +39,7 @@ def start_ray_cluster():
     ``code_search_path``; metrics are exported every second instead of every ten.
     """
     port = free_port()
-    ctx = ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, _metrics_export_port=port,
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, _metrics_export_port=port,
                    _system_config={"metrics_report_interval_ms": 1000},
                    job_config=ray.job_config.JobConfig(code_search_path=[str(REPO), str(TESTS)]))
     yield Cluster(ctx.address_info["gcs_address"], port)

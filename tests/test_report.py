@@ -1,7 +1,6 @@
-"""The job report (issue 6): ``jobs/report.py`` renders a real job's steps and results into a PNG and a
+"""The job report: ``jobs/report.py`` renders a real job's steps and results into a PNG and a
 self-contained HTML page, which headless Chromium displays with its plots (skipped without Chromium)."""
 import base64
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -15,22 +14,15 @@ import pytest
 from PIL import Image
 
 from pipeline.actor import EngineActor
-from pipeline.config import build_parser, parse_config
+from pipeline.config import parse_config
 from pipeline.driver import run_job
+from pipeline import report
 from pipeline.rows import build_result_table
 from test_pipeline_support import REPO, job_argv, read_results, start_ray_cluster, subprocess_env
 
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 
 
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load(REPO / "jobs" / "report.py", "jobs_report")   # a script, not part of an installed package
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)
 JOB_ID = "report-job"
@@ -130,7 +122,6 @@ def test_batch_size_drops_to_zero_when_the_engine_drains_and_hit_rate_is_cumulat
     assert x.tolist() == [0.1, 1.1] and rate.tolist() == pytest.approx([0.0, 100 * 15 / 50])
 
 
-@pytest.mark.skipif("--report" not in build_parser().format_help(), reason="offline_batch.py has no --report yet")
 def test_offline_batch_report_flag_renders_at_the_end_of_the_job(ray_cluster, tmp_path):
     output = tmp_path / "out"
     argv = job_argv(None, output, "--report", "--job-id", "flagged", "--address", ray_cluster.address, shard_size=64,
