@@ -170,7 +170,7 @@ class LLMEngine:
         logger.info("Starting generation for %d prompts", len(seqs))
         logger.info("Total prompt tokens: %d", total_prompt_tokens)
         self._run_until_done(len(seqs), use_tqdm)
-        return [self._result(s) for s in seqs]
+        return [self.result(s) for s in seqs]
 
     def _run_until_done(self, num_seqs: int, use_tqdm: bool) -> None:
         before = dict(self.stats)
@@ -193,7 +193,8 @@ class LLMEngine:
         logger.info("After generation - %s", memory_summary(self.model_runner.device))
         logger.info(RULE)
 
-    def _result(self, seq: Sequence) -> dict:
+    def result(self, seq: Sequence) -> dict:
+        """A finished sequence as a result dict (the fields of ``generate``'s results)."""
         text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
         if seq.stop_text_end is not None:
             text = text[:seq.stop_text_end]

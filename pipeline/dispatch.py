@@ -1,10 +1,14 @@
 """The dispatch loop: start engine actors, hand out work dynamically, write shards, survive faults.
 
-Dispatch is dynamic: an actor that becomes idle gets the next piece of work, so a slow actor never holds
-the others back. A piece is a whole shard or, after repeated failures, part of one:
+Dispatch is dynamic: the least-loaded actor gets the next piece of work, so a slow actor never holds the
+others back, and each actor holds up to ``MAX_SHARDS_IN_FLIGHT`` pieces, so its engine starts the next one
+while the current one drains. A piece is a whole shard or, after repeated failures, part of one:
 
 * an actor that dies (killed, OOM, GPU error) or raises while running a piece is replaced (the engine's
-  state after a failed ``generate`` is unknown), and the piece is retried on another actor;
+  state after a failed ``generate`` is unknown), and the piece is retried on another actor. One failure
+  costs one piece one attempt: the piece that raised or, when the process died with several pieces in it,
+  the newest (it joined an engine that ran the older one fine); the others go back uncharged. Every piece
+  that was on a failed actor then runs alone, so its next failure is its own;
 * after ``1 + --max-shard-retries`` failed attempts a shard is split in halves, and halves are split
   again on failure, until the row that breaks it is alone; that row then gets an error after the same
   number of attempts, and every other row completes;
@@ -25,7 +29,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from pipeline.actor import ShardResult
+from pipeline.actor import MAX_SHARDS_IN_FLIGHT, ShardResult
 from pipeline.config import JobConfig
 from pipeline.errors import JobFailed, root_cause
 from pipeline.inputs import InputSource
@@ -57,6 +61,7 @@ class Piece:
     max_attempts: int
     whole: bool = True           # the whole shard, not a half from a split
     attempts: int = 0
+    alone: bool = False          # run with no other piece on its actor (it was on an actor that failed)
     _ref: Any = None             # the table in Ray's object store, put once, reused on retry
 
     @property
@@ -85,10 +90,16 @@ class PendingShard:
     generated_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class LiveActor:
     actor_id: str
     handle: Any
+    pieces: dict[Any, Piece] = field(default_factory=dict)  # run_shard ref -> piece, in dispatch order
+
+    def can_take(self, piece: Piece) -> bool:
+        if piece.alone:
+            return not self.pieces
+        return len(self.pieces) < MAX_SHARDS_IN_FLIGHT and not any(p.alone for p in self.pieces.values())
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ class JobRunner:
         self.done, self.num_shards = set(done), num_shards
         self.actor_args, self.num_actors, self.actor_columns = actors.args, actors.count, actor_columns
         self.remote_cls = ray.remote(actors.cls).options(num_cpus=1, num_gpus=actors.gpus, max_restarts=0,
+                                                          max_concurrency=MAX_SHARDS_IN_FLIGHT,
                                                           runtime_env={"env_vars": actors.env_vars})
         self.output_schema = pa.schema(list(source.schema) + list(OUTPUT_SCHEMA))
         self.stats = stats
@@ -122,11 +134,11 @@ class JobRunner:
         self.resume_hint = resume_hint
         self.shard_iter: Iterator[tuple[int, pa.Table]] = source.shards(config.shard_size)
         self.input_exhausted = False
-        self.queue: deque[Piece] = deque()          # retries and split halves, served before new shards
+        self.queue: deque[Piece] = deque()          # waiting for an actor: retries and split halves, then new shards
         self.pending: dict[int, PendingShard] = {}
         self.starting: dict[Any, LiveActor] = {}    # ready() ref -> actor
-        self.idle: list[LiveActor] = []
-        self.running: dict[Any, tuple[LiveActor, Piece]] = {}  # run_shard ref -> (actor, piece)
+        self.actors: list[LiveActor] = []            # started and not failed
+        self.running: dict[Any, LiveActor] = {}     # run_shard ref -> the actor running it
         self.next_actor = 0
         self.ever_ready = False
         self.start_failures = 0
@@ -174,23 +186,28 @@ class JobRunner:
         return self.input_exhausted and not self.queue and not self.running and not self.pending
 
     def _dispatch(self) -> None:
-        while self.idle:
-            piece = self._next_piece()
-            if piece is None:
+        """Hand out pieces in queue order, each to the least-loaded actor that can take it."""
+        while (piece := self._next_piece()) is not None:
+            actor = min((a for a in self.actors if a.can_take(piece)), key=lambda a: len(a.pieces), default=None)
+            if actor is None:
                 break
-            actor = self.idle.pop()
-            self.running[actor.handle.run_shard.remote(piece.shard_id, piece.ref())] = (actor, piece)
+            self.queue.popleft()
+            ref = actor.handle.run_shard.remote(piece.shard_id, piece.ref())
+            actor.pieces[ref] = piece
+            self.running[ref] = actor
         if not self.running and not self.starting and not self._finished():
             raise JobFailed("no engine actor is left to run the remaining shards")
 
     def _next_piece(self) -> Piece | None:
+        """The piece at the head of the queue (retries and split halves first, then the next shard), left there."""
         if self.queue:
-            return self.queue.popleft()
+            return self.queue[0]
         for shard_id, table in self.shard_iter:
             if shard_id in self.done:
                 continue
             self.pending[shard_id] = PendingShard(shard_id, table, table.num_rows)
-            return Piece(shard_id, 0, table.select(self.actor_columns), self.config.max_shard_retries + 1)
+            self.queue.append(Piece(shard_id, 0, table.select(self.actor_columns), self.config.max_shard_retries + 1))
+            return self.queue[0]
         self.input_exhausted = True
         return None
 
@@ -203,7 +220,7 @@ class JobRunner:
             if ref in self.starting:
                 self._on_actor_started(ref, self.starting.pop(ref))
             else:
-                self._on_piece_returned(ref, *self.running.pop(ref))
+                self._on_piece_returned(ref, self.running.pop(ref))
 
     # ----- actors ------------------------------------------------------------------------------------------------
     def _start_actor(self) -> None:
@@ -230,11 +247,12 @@ class JobRunner:
         stats.status, stats.pid, stats.node_id, stats.load_time_s = "running", info["pid"], info["node_id"], \
             info["load_time_s"]
         log.info("%s ready (pid %d, engine loaded in %.1fs)", actor.actor_id, info["pid"], info["load_time_s"])
-        self.idle.append(actor)
+        self.actors.append(actor)
         self._top_up()
 
     def _replace_actor(self, actor: LiveActor, why: str) -> None:
         """Kill ``actor`` (if it still runs) and start a replacement."""
+        self.actors.remove(actor)
         self.stats.actor(actor.actor_id).status = "died"
         ray.kill(actor.handle, no_restart=True)
         log.warning("%s %s", actor.actor_id, why)
@@ -247,7 +265,7 @@ class JobRunner:
         stay below ``num_actors`` (a model that cannot load fails the job instead of retrying forever).
         Replacements wait in Ray's queue until resources (GPUs) are free.
         """
-        live = len(self.idle) + len(self.running) + len(self.starting)
+        live = len(self.actors) + len(self.starting)
         while (self.ever_ready and live < self.num_actors and self.start_failures < self.num_actors
                and not self._finished()):
             self.stats.actors_replaced += 1
@@ -256,7 +274,7 @@ class JobRunner:
             live += 1
 
     def _stop_actors(self) -> None:
-        actors = [*self.idle, *(a for a, _ in self.running.values())]
+        actors = list(self.actors)
         refs = [a.handle.shutdown.remote() for a in actors]
         try:
             ray.get(refs, timeout=SHUTDOWN_GRACE_S)
@@ -269,26 +287,41 @@ class JobRunner:
                 log.warning("could not kill %s: %s", actor.actor_id, root_cause(e))
             if self.stats.actor(actor.actor_id).status == "running":
                 self.stats.actor(actor.actor_id).status = "stopped"
-        self.idle.clear()
+        self.actors.clear()
         self.running.clear()
         self.starting.clear()
 
     # ----- pieces ------------------------------------------------------------------------------------------------
-    def _on_piece_returned(self, ref, actor: LiveActor, piece: Piece) -> None:
+    def _on_piece_returned(self, ref, actor: LiveActor) -> None:
         try:
             result: ShardResult = ray.get(ref)
-        except RayActorError as e:  # the process died: killed, OOM, segfault, lost node
-            self._replace_actor(actor, f"died while running {piece.describe()}")
-            self._piece_failed(piece, actor, f"actor {actor.actor_id} died: {root_cause(e)}")
+        except RayError as e:
+            self._on_actor_failed(actor, ref, e)
             return
-        except RayError as e:  # run_shard raised: the engine may be left mid-batch, so the actor is replaced
-            self._replace_actor(actor, f"failed on {piece.describe()}")
-            self._piece_failed(piece, actor, root_cause(e))
-            return
+        piece = actor.pieces.pop(ref)
         self.consecutive_failures = 0
-        self.idle.append(actor)
         self.stats.actor(actor.actor_id).add(result.stats)
         self._piece_done(piece, result.results, result.steps, result.stats["generated_tokens"])
+
+    def _on_actor_failed(self, actor: LiveActor, ref, error: RayError) -> None:
+        """Replace ``actor`` and requeue its pieces: the one to blame is charged an attempt (see the module's
+        docstring), the others go back uncharged; all of them run alone next time."""
+        pieces = list(actor.pieces.values())  # in dispatch order
+        if isinstance(error, RayActorError):  # the process died: killed, OOM, segfault, lost node
+            culprit, reason = pieces[-1], f"actor {actor.actor_id} died: {root_cause(error)}"
+            why = f"died while running {culprit.describe()}"
+        else:  # run_shard raised: the engine may be left mid-batch, so the actor is replaced
+            culprit, reason = actor.pieces[ref], root_cause(error)
+            why = f"failed on {culprit.describe()}"
+        for other in actor.pieces:
+            self.running.pop(other, None)
+        actor.pieces.clear()
+        self._replace_actor(actor, why)
+        for piece in reversed(pieces):
+            piece.alone = True
+            if piece is not culprit:
+                self.queue.appendleft(piece)
+        self._piece_failed(culprit, actor, reason)
 
     def _piece_failed(self, piece: Piece, actor: LiveActor, reason: str) -> None:
         piece.attempts += 1
@@ -306,7 +339,7 @@ class JobRunner:
             halves = [Piece(piece.shard_id, piece.offset + start, piece.table.slice(start, length),
                             # Halves of several rows get one try (a failure splits further); a single row gets
                             # the full budget before it is declared bad.
-                            1 if length > 1 else self.config.max_shard_retries + 1, whole=False)
+                            1 if length > 1 else self.config.max_shard_retries + 1, whole=False, alone=True)
                       for start, length in ((0, half), (half, piece.num_rows - half))]
             log.warning("%s failed %d times (%s); splitting it to isolate the bad row(s)", piece.describe(),
                         piece.attempts, reason)

@@ -303,6 +303,22 @@ def test_steps_agree_with_the_rows_and_stats(job_a):
     assert max(steps.column("num_preempted").to_pylist()) > 0 or max(steps.column("num_waiting").to_pylist()) > 0
 
 
+def test_next_shard_joins_the_running_batch(ray_cluster, tmp_path):
+    """One actor, shards of 2 rows: the driver keeps two shards at the actor, and the engine runs the next one's
+    rows beside the current one's, so some steps batch more sequences than a shard has."""
+    prompts = [f"Overlap row {i}: tell me about the sea" for i in range(8)]
+    report = run_job(parse_config(job_argv(write_prompts(tmp_path / "in.parquet", prompts), tmp_path / "out",
+                                           "--temperature", "0", actors=1, shard_size=2, max_tokens=12)))
+    assert report.status == "completed"
+    steps = pq.read_table(tmp_path / "out" / "steps.parquet")
+    assert max(steps.column("batch_size").to_pylist()) > 2
+    # Each step is recorded once (under one shard): the records still add up to the actor's steps and tokens.
+    actor = report.stats["actors"]["actor-0"]
+    assert steps.num_rows == actor["steps"] and sum(steps.column("batch_size").to_pylist()) == \
+        actor["generated_tokens"]
+    assert_each_id_once(read_results(tmp_path / "out"), len(prompts))
+
+
 def test_actor_logs_are_readable_through_the_state_api(job_a, ray_cluster):
     actors = list_actors(address=ray_cluster.address, filters=[("class_name", "=", "PacedActor")], detail=True,
                          limit=1000)
