@@ -14,7 +14,6 @@ class Context:
     slot_mapping: torch.Tensor | None = None   # [tokens] cache slot of each new token
     context_lens: torch.Tensor | None = None   # [B] cached + new tokens per sequence
     block_tables: torch.Tensor | None = None   # [B, max_blocks]
-    graph_replay: bool = False
 
 
 _CONTEXT = Context()

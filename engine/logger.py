@@ -71,11 +71,13 @@ def memory_summary(device: torch.device) -> str:
 
 
 @contextmanager
-def timed(logger: logging.Logger, label: str, device: torch.device) -> Iterator[None]:
-    """At DEBUG: log ``[START] label`` / ``[END] label - Elapsed: X.XXms`` (synchronises CUDA). Otherwise free."""
+def timed(logger: logging.Logger, device: torch.device, label: str, *args: object) -> Iterator[None]:
+    """At DEBUG: log ``[START] label`` / ``[END] label - Elapsed: X.XXms`` (synchronises CUDA); ``label % args``
+    is formatted only then. Otherwise free."""
     if not logger.isEnabledFor(logging.DEBUG):
         yield
         return
+    label = label % args
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     logger.debug("[START] %s", label)
     sync()

@@ -217,7 +217,7 @@ class ModelRunner:
         prepare = self._prepare_prefill if is_prefill else self._prepare_decode
         input_ids, positions = prepare(seqs)
         sampling = self._prepare_sampling(seqs) if self.rank == 0 else None
-        with timed(logger, f"[Rank {self.rank}] Model forward {phase}", self.device):
+        with timed(logger, self.device, "[Rank %d] Model forward %s", self.rank, phase):
             logits = self._forward(input_ids, positions, is_prefill)
         if logger.isEnabledFor(logging.DEBUG) and logits is not None:
             logger.debug("[Rank %d] Output: logits=%s", self.rank, list(logits.shape))
@@ -248,8 +248,7 @@ class ModelRunner:
         for bs in reversed(self.graph_sizes):
             graph = torch.cuda.CUDAGraph()
             set_context(is_prefill=False, slot_mapping=buf["slot_mapping"][:bs],
-                        context_lens=buf["context_lens"][:bs], block_tables=buf["block_tables"][:bs],
-                        graph_replay=True)
+                        context_lens=buf["context_lens"][:bs], block_tables=buf["block_tables"][:bs])
             buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])  # warm-up
             with torch.cuda.graph(graph, pool):
                 buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])
