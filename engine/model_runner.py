@@ -36,7 +36,7 @@ class ModelRunner:
         logger.info("Initializing ModelRunner (rank %d)", rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        Attention.backend = select_backend(self.device)
+        Attention.backend = select_backend(self.device, self.block_size)
         logger.info("Loading model: %s", config.model)
         previous_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)

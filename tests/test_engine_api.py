@@ -95,3 +95,22 @@ def test_invalid_engine_arguments():
         LLM("/no/such/model", device="cpu")
     with pytest.raises(TypeError, match="unknown LLM arguments"):
         LLM("demo", device="cpu", max_batch=3)
+
+
+def test_attention_backend_selection_falls_back(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from engine.layers.attention import select_backend
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("NANOVLLM_ATTENTION_BACKEND", raising=False)
+    assert select_backend(cuda, 256) == "triton" and select_backend(cpu, 256) == "torch"
+    monkeypatch.setenv("NANOVLLM_ATTENTION_BACKEND", "triton")
+    assert select_backend(cpu, 16) == "torch"            # kernels need CUDA
+    monkeypatch.setenv("NANOVLLM_ATTENTION_BACKEND", "nonsense")
+    assert select_backend(cuda, 16) == "triton"
+    monkeypatch.setenv("NANOVLLM_ATTENTION_BACKEND", "flash-attn")
+    if importlib.util.find_spec("flash_attn") is None:
+        assert select_backend(cuda, 256) == "triton"     # not installed
+    assert select_backend(cuda, 16) == "triton"          # paged flash-attn needs 256-token blocks

@@ -19,7 +19,7 @@ logger = get_logger(__name__)
 BACKENDS = ("torch", "triton", "flash-attn")
 
 
-def select_backend(device: torch.device) -> str:
+def select_backend(device: torch.device, block_size: int) -> str:
     """``NANOVLLM_ATTENTION_BACKEND`` if set and usable, else triton on CUDA and torch on CPU."""
     default = "triton" if device.type == "cuda" else "torch"
     wanted = os.environ.get("NANOVLLM_ATTENTION_BACKEND", default).lower()
@@ -31,6 +31,9 @@ def select_backend(device: torch.device) -> str:
         return "torch"
     if wanted == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
         logger.warning("flash-attn is not installed; falling back to the triton attention backend")
+        return "triton"
+    if wanted == "flash-attn" and block_size % 256:
+        logger.warning("flash-attn's paged KV cache needs kvcache_block_size=256; using the triton backend")
         return "triton"
     return wanted
 
