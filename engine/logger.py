@@ -34,7 +34,8 @@ def configure(level: str | None = None) -> None:
     """Set the `nanovllm` logger from ``level`` or ``NANOVLLM_LOG_LEVEL`` (default INFO).
 
     If the application configured logging before (the root logger has handlers), no handler is added
-    and records propagate to the application's handlers and format.
+    and records propagate to the application's handlers and format. ``NANOVLLM_LOG_TAG`` (e.g. a Ray actor's
+    id) is put in front of every message; tensor-parallel worker processes inherit it with the environment.
     """
     root = logging.getLogger(ROOT)
     raw = level if level is not None else os.environ.get("NANOVLLM_LOG_LEVEL")
@@ -46,7 +47,9 @@ def configure(level: str | None = None) -> None:
         root.propagate = True
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        tag = os.environ.get("NANOVLLM_LOG_TAG")
+        fmt = FORMAT.replace("%(message)s", f"[{tag.replace('%', '%%')}] %(message)s") if tag else FORMAT
+        handler.setFormatter(logging.Formatter(fmt, DATEFMT))
         setattr(handler, _HANDLER_ATTR, True)
         root.addHandler(handler)
         root.propagate = False

@@ -6,6 +6,7 @@ rows and hands the requests to the *engine loop*, the one thread that touches th
 requests between steps, so the next shard's rows join the running batch while the previous shard finishes,
 and hands each finished row back to the shard it came from.
 """
+import logging
 import os
 import queue
 import threading
@@ -62,8 +63,12 @@ class EngineActor:
         self.row_spec = row_spec
         self.log = actor_logger(actor_id, log_level)
         started = time.perf_counter()
+        os.environ["NANOVLLM_LOG_TAG"] = actor_id  # the engine's lines, its TP worker ranks' too, carry the id
         from engine import LLM, SamplingParams
-        tag_logger("nanovllm", actor_id)
+        from engine.logger import configure
+        configure()  # apply the tag (and the job's level) even if the engine was imported before
+        if logging.getLogger().handlers:  # the application's handlers format the engine's lines: tag them
+            tag_logger("nanovllm", actor_id)
         self.make_params = SamplingParams
         self.llm = LLM(**engine_kwargs)
         self.load_time_s = time.perf_counter() - started

@@ -124,3 +124,9 @@ def test_application_logging_config_is_respected(model):
 def test_env_set_in_code_before_import(model):
     _, err = run(model, None, "import os\nos.environ['NANOVLLM_LOG_LEVEL'] = 'WARNING'")
     assert "[INFO]" not in err and "[WARNING] KV cache full" in err
+
+
+def test_log_tag_prefixes_every_engine_line(model):
+    _, err = run(model, "INFO", "import os\nos.environ['NANOVLLM_LOG_TAG'] = 'actor-7'")
+    lines = [line for line in err.splitlines() if line.startswith("[20")]
+    assert lines and all("] [actor-7] " in line for line in lines)
