@@ -12,6 +12,8 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,26 @@ from pipeline.metrics import ActorMetrics
 from pipeline.rows import RowSpec, build_result_table, prepare_requests
 
 MAX_SHARDS_IN_FLIGHT = 2   # per actor: the one running and the next, already waiting at the actor
+
+
+@contextmanager
+def _engine_log_tag(actor_id: str) -> Iterator[None]:
+    """Tag the engine's log lines with the actor id while it starts: ``NANOVLLM_LOG_TAG`` reaches its own handler
+    (re-configured here, as the engine may have been imported before) and the tensor-parallel worker ranks it
+    spawns; the variable is restored afterwards, so an in-process user (``pipeline.data``) keeps its environment."""
+    previous = os.environ.get("NANOVLLM_LOG_TAG")
+    os.environ["NANOVLLM_LOG_TAG"] = actor_id
+    try:
+        from engine.logger import configure
+        configure()
+        if logging.getLogger().handlers:  # the application's handlers format the engine's lines: tag those
+            tag_logger("nanovllm", actor_id)
+        yield
+    finally:
+        if previous is None:
+            del os.environ["NANOVLLM_LOG_TAG"]
+        else:
+            os.environ["NANOVLLM_LOG_TAG"] = previous
 
 
 @dataclass
@@ -63,14 +85,10 @@ class EngineActor:
         self.row_spec = row_spec
         self.log = actor_logger(actor_id, log_level)
         started = time.perf_counter()
-        os.environ["NANOVLLM_LOG_TAG"] = actor_id  # the engine's lines, its TP worker ranks' too, carry the id
         from engine import LLM, SamplingParams
-        from engine.logger import configure
-        configure()  # apply the tag (and the job's level) even if the engine was imported before
-        if logging.getLogger().handlers:  # the application's handlers format the engine's lines: tag them
-            tag_logger("nanovllm", actor_id)
         self.make_params = SamplingParams
-        self.llm = LLM(**engine_kwargs)
+        with _engine_log_tag(actor_id):
+            self.llm = LLM(**engine_kwargs)
         self.load_time_s = time.perf_counter() - started
         self.metrics = ActorMetrics(job_id, actor_id)
         self.inbox: queue.Queue[ShardRun | None] = queue.Queue()   # None stops the engine loop
