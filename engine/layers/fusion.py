@@ -3,13 +3,18 @@
 Eagerly, each of these is several tiny kernels (~60 per decoder layer); on CUDA they are compiled with
 ``torch.compile`` into one or two fused kernels each, which matters most for small decode batches where
 launch count, not bytes, sets the step time. On CPU the plain PyTorch code runs, so results stay exact.
-``NANOVLLM_COMPILE=0`` turns compilation off.
+``NANOVLLM_COMPILE=0`` turns compilation off; if compilation fails (no working Triton or compiler), the op
+runs eagerly after one warning.
 """
 import functools
 import os
 from collections.abc import Callable
 
 import torch
+
+from engine.logger import get_logger
+
+logger = get_logger(__name__)
 
 
 def fused_on_cuda(fn: Callable) -> Callable:
@@ -23,7 +28,15 @@ def fused_on_cuda(fn: Callable) -> Callable:
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # stay correct without the fusion
+            if compiled is fn:
+                raise
+            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__,
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            compiled = fn
+            return fn(*args)
     return run
 
 
