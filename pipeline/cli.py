@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.driver import run_job  # imports Ray: after the flags are known to be good
         report = run_job(config)
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {e}\n")  # one write: Ray's log forwarding thread shares the stream
+        sys.stderr.flush()
         return e.exit_code
     except KeyboardInterrupt:  # while planning, before any shard ran (the job itself handles it later)
         print("interrupted", file=sys.stderr, flush=True)

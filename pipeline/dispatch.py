@@ -179,7 +179,9 @@ class JobRunner:
                     f"resume with: {self.resume_hint}")
             if error is not None:
                 raise JobFailed(f"{error} ({hint})") from error
-            print(f"Interrupted: {hint}", file=sys.stderr, flush=True)
+            # One write, newline included: Ray's log forwarding thread writes to the same stream.
+            sys.stderr.write(f"Interrupted: {hint}\n")
+            sys.stderr.flush()
         return status, exit_code, stats
 
     def _finished(self) -> bool:
