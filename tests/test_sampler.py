@@ -71,3 +71,13 @@ def test_mixed_greedy_and_sampled_rows():
     b.all_greedy, b.any_greedy = False, True
     out = Sampler()(logits, b)
     assert out[[0, 2, 4]].tolist() == logits[[0, 2, 4]].argmax(-1).tolist()
+
+
+def test_hashed_noise_stays_below_one():
+    """Seed 20, position 0, token 65631 hashes to the top 24-bit value, where k + 0.5 rounds up to 2**24:
+    uncapped, u == 1 gave that token infinite Gumbel noise, so it won even where masked to -inf."""
+    u = hashed_uniform(torch.tensor([20]), torch.tensor([0]), 65632)
+    assert float(u.max()) < 1.0 and float(u[0, 65631]) > 1 - 2 ** -23
+    logits = torch.full((1, 65632), float("-inf"))
+    logits[0, :10] = 0.0
+    assert int(Sampler()(logits, batch(1, seeds=[20], positions=[0]))) < 10

@@ -1,80 +1,92 @@
-"""Kernel fusion for the small element-wise ops (norms, rotary, SiLU-and-mul).
+"""The small per-token ops (RMSNorm, residual-add + RMSNorm, rotary, SiLU-and-mul): one Triton kernel
+each on CUDA, plain PyTorch elsewhere.
 
-Eagerly, each of these is several tiny kernels (~60 per decoder layer); on CUDA they are compiled with
-``torch.compile`` into one or two fused kernels each, which matters most for small decode batches where
-launch count, not bytes, sets the step time. On CPU the plain PyTorch code runs, so results stay exact.
-``NANOVLLM_COMPILE=0`` turns compilation off; if compilation fails (no working Triton or compiler), the op
-runs eagerly after one warning.
+Eagerly, each op is several tiny kernels (~60 per decoder layer), which matters most for small decode
+batches where launch count, not bytes, sets the step time. The hand-written Triton kernels
+(``engine/kernels/triton_fused.py``) replace ``torch.compile``, whose cold compilation added 5-20 s to
+engine startup and whose bf16 rounding differed from HF's eager code; Triton caches them on disk.
+
+Both versions round bf16/fp16 values exactly where HF transformers' eager code does, so greedy outputs
+can match HF token for token (in fp32 all the casts are no-ops):
+
+* RMSNorm: ``h = x.float(); h = h * rsqrt(mean(h ** 2) + eps); out = weight * h.to(x.dtype)``;
+* residual add: ``s = x + residual`` in the input dtype, then RMSNorm of ``s``; ``s`` is the new residual;
+* SiLU-and-mul: ``silu(gate)`` rounded, times ``up``, rounded;
+* rotary: ``cos, sin`` cast to the input dtype; ``q * cos`` and ``rotate_half(q) * sin`` each rounded,
+  then their sum.
+
+``NANOVLLM_FUSED_KERNELS=0`` makes CUDA tensors take the PyTorch versions too (for debugging; read at
+each call). The sampler's Gumbel-max kernel follows the same switch.
 """
-import functools
 import os
-from collections.abc import Callable
 
 import torch
-
-from engine.logger import get_logger
-
-logger = get_logger(__name__)
+import torch.nn.functional as F
 
 
-def fused_on_cuda(fn: Callable) -> Callable:
-    """Run ``fn`` compiled (dynamic shapes) when its first tensor argument is on CUDA, else as written."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def run(*args):
-        nonlocal compiled
-        if not args[0].is_cuda or os.environ.get("NANOVLLM_COMPILE", "1") == "0":
-            return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        try:
-            return compiled(*args)
-        except Exception as e:  # stay correct without the fusion
-            if compiled is fn:
-                raise
-            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__,
-                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            compiled = fn
-            return fn(*args)
-    return run
+def use_triton_kernels(x: torch.Tensor) -> bool:
+    """Whether ops on ``x`` run the Triton kernels: on CUDA, unless ``NANOVLLM_FUSED_KERNELS=0``."""
+    return x.is_cuda and os.environ.get("NANOVLLM_FUSED_KERNELS", "1") != "0"
 
 
-@fused_on_cuda
+def _kernels():
+    from engine.kernels import triton_fused  # imports Triton only when a CUDA tensor gets here
+    return triton_fused
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    if use_triton_kernels(x):
+        return _kernels().rms_norm(x, weight, eps)
+    return torch_rms_norm(x, weight, eps)
 
 
-@fused_on_cuda
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(x + residual), x + residual)``."""
-    x = x + residual
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype), x
+    if use_triton_kernels(x):
+        return _kernels().add_rms_norm(x, residual, weight, eps)
+    return torch_add_rms_norm(x, residual, weight, eps)
 
 
-@fused_on_cuda
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    """``silu(x[..., :I]) * x[..., I:]`` for ``x`` ``[..., 2 * I]``."""
+    if use_triton_kernels(x):
+        return _kernels().silu_and_mul(x)
+    return torch_silu_and_mul(x)
 
 
-@fused_on_cuda
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
            sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding of q, k ``[tokens, heads, head_dim]``, computed in float32."""
-    cos = cos_cache[positions].unsqueeze(1)
-    sin = sin_cache[positions].unsqueeze(1)
+    """Rotate-half rotary embedding of q, k ``[tokens, heads, head_dim]``; caches ``[max_position, head_dim]``."""
+    if use_triton_kernels(q):
+        return _kernels().rotary(positions, q, k, cos_cache, sin_cache)
+    return torch_rotary(positions, q, k, cos_cache, sin_cache)
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x + residual
+    return torch_rms_norm(summed, weight, eps), summed
+
+
+def torch_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def torch_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+                 sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos_cache[positions].unsqueeze(1).to(q.dtype)
+    sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

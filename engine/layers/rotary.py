@@ -40,5 +40,5 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q, k: ``[tokens, heads, head_dim]``; rotated in float32 and cast back."""
+        """q, k: ``[tokens, heads, head_dim]``; rounded step by step as HF's ``apply_rotary_pos_emb``."""
         return rotary(positions, q, k, self.cos, self.sin)

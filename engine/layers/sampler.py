@@ -4,17 +4,23 @@ Sampling uses the Gumbel-max form of the exponential race: ``argmax(logits / T -
 ``E = -log(U) ~ Exp(1)`` draws from ``softmax(logits / T)`` exactly, with no softmax or sort on the common
 path (masks for top-k / top-p / min-p set excluded logits to -inf first). Rows with a seed get their noise from a counter-based hash of (seed, output position, token id),
 so a seeded request samples the same tokens whatever else is in the batch.
+
+On CUDA the noise, scaling and argmax are one Triton kernel (``triton_fused.gumbel_argmax``) that makes the
+noise in registers: the hash above, bit for bit, for seeded rows; Philox keyed by (row, step seed) for the
+others. The step seed is a host-side counter, so consecutive steps differ without a device sync.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from engine.layers.fusion import fused_on_cuda
+from engine.layers.fusion import use_triton_kernels
 
 _MASK31 = (1 << 31) - 1
 _MIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # splitmix/murmur finaliser constants as signed int64
 _MIX2 = 0xC4CEB9FE1A85EC53 - (1 << 64)
+_BELOW_ONE = 1 - 2 ** -24  # largest float32 below 1
+_STEP_SEEDS = 1 << 31
 
 
 def hashed_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -25,7 +31,8 @@ def hashed_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int
         x = x ^ ((x >> 33) & _MASK31)
         x = x * mult
     x = x ^ ((x >> 33) & _MASK31)
-    return (((x >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)
+    # k + 0.5 rounds up to 2**24 for k = 2**24 - 1: cap below 1, else -log(-log(u)) = +inf wins even at -inf logits
+    return ((((x >> 40) & 0xFFFFFF).float() + 0.5) / float(1 << 24)).clamp_(max=_BELOW_ONE)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class Sampler(nn.Module):
         super().__init__()
         self.seed = seed
         self.generator: torch.Generator | None = None
+        self.step_seed = (seed * 0x9E3779B1) % _STEP_SEEDS  # spreads engine seeds over the counter's cycle
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits ``[B, V]`` → sampled token ids ``[B]``."""
@@ -57,13 +65,17 @@ class Sampler(nn.Module):
         temperatures = batch.temperatures
         if batch.use_top_k_top_p or batch.use_min_p:
             logits = logits.float() / torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
-            temperatures = torch.ones_like(temperatures)
+            temperatures = (temperatures > 0).to(temperatures.dtype)  # already applied; 0 still marks greedy
             if batch.use_top_k_top_p:
                 logits = _top_k_top_p(logits, batch.top_ks, batch.top_ps)
             if batch.use_min_p:
                 probs = torch.softmax(logits, dim=-1)
                 threshold = batch.min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
                 logits = logits.masked_fill(probs < threshold, float("-inf"))
+        if use_triton_kernels(logits):
+            from engine.kernels.triton_fused import gumbel_argmax
+            self.step_seed = (self.step_seed + 1) % _STEP_SEEDS
+            return gumbel_argmax(logits, temperatures, batch.seeds, batch.positions, self.step_seed)
         sampled = _gumbel_argmax(logits, temperatures, self._uniform(logits, batch))
         if batch.any_greedy:
             sampled = torch.where(batch.temperatures > 0, sampled, logits.argmax(dim=-1))
@@ -80,7 +92,6 @@ class Sampler(nn.Module):
         return noise
 
 
-@fused_on_cuda
 def _gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One pass over the logits: scale by temperature (0 → 1), add Gumbel noise, take the argmax."""
     scale = torch.where(temperatures > 0, temperatures, 1.0).unsqueeze(1)
