@@ -77,17 +77,18 @@ def check_correctness(gen: torch.Generator) -> dict:
     return errors
 
 
-def cuda_graph(fn) -> torch.cuda.CUDAGraph:
-    """Capture ``fn`` (after a warm-up run that compiles it) as the engine's decode step does."""
+def capture_graph(step):
+    """Run ``step`` once on a side stream (compiling its kernels), then capture it in a CUDA graph as the
+    engine's decode step is; returns the graph and what the captured call returned (rewritten by replays)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph
+        outputs = step()
+    return graph, outputs
 
 
 def time_decode(context_lens: list[int], block_size: int, gen: torch.Generator,
@@ -102,7 +103,7 @@ def time_decode(context_lens: list[int], block_size: int, gen: torch.Generator,
         def step(config=config):
             paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE, config=config)
         try:
-            graph = cuda_graph(step)
+            graph, _ = capture_graph(step)
         except Exception as err:  # a sweep config the chip cannot run (shared memory, ...)
             print(f"  decode config {name} failed: {type(err).__name__}: {err}"[:300])
             continue

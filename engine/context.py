@@ -14,6 +14,7 @@ class Context:
     slot_mapping: torch.Tensor | None = None   # [tokens] cache slot of each new token
     context_lens: torch.Tensor | None = None   # [B] cached + new tokens per sequence
     block_tables: torch.Tensor | None = None   # [B, max_blocks]
+    shared_blocks: torch.Tensor | None = None  # [1] decode: leading blocks common to every row (cascade)
 
 
 _CONTEXT = Context()

@@ -1,3 +1,5 @@
+import numpy as np
+
 from engine.block_manager import BlockManager, block_hash
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -89,3 +91,16 @@ def test_can_allocate_counts_shared_blocks():
     assert bm.can_allocate(seq([1] * 5)) == (False, 0)
     s2 = seq(list(range(32)) + [3])                # 2 shared + 1 new block: still no room
     assert bm.can_allocate(s2) == (False, 32)
+
+
+def test_shared_prefix_blocks_counts_common_leading_entries():
+    from engine.model_runner import shared_prefix_blocks
+    tables = np.array([[4, 5, 6, 9, 0], [4, 5, 6, 7, 8], [4, 5, 2, 3, 0]], dtype=np.int32)
+    assert shared_prefix_blocks(tables, np.array([4, 5, 4])) == 2
+    assert shared_prefix_blocks(tables[:2], np.array([4, 5])) == 3
+    # a row's last block is never shared (it is still being written), nor is a single row's table
+    assert shared_prefix_blocks(tables[:2], np.array([3, 5])) == 2
+    assert shared_prefix_blocks(tables[:1], np.array([4])) == 0
+    # zero padding past a short row must not count as shared
+    padded = np.array([[4, 0, 0], [4, 0, 0]], dtype=np.int32)
+    assert shared_prefix_blocks(padded, np.array([1, 1])) == 0

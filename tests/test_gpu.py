@@ -63,6 +63,31 @@ def test_bf16_logits_and_greedy_match_hf(tiny_models, arch):
           f"{exact}/{steps * len(prompts)} steps equal before any divergence, {near_ties} divergence(s) at HF near-ties")
 
 
+def test_cascade_decode_fp32_matches_hf(tiny_models, monkeypatch):
+    """20 sequences sharing 3 cached blocks decode through the cascade path (inside CUDA graphs); in fp32 the
+    greedy tokens must equal HF's exactly."""
+    from transformers import AutoModelForCausalLM
+    import engine.model_runner as model_runner
+    shared_counts = []
+    original = model_runner.shared_prefix_blocks
+    monkeypatch.setattr(model_runner, "shared_prefix_blocks",
+                        lambda *a: shared_counts.append(original(*a)) or shared_counts[-1])
+    path = tiny_models["qwen3"]
+    rng = random.Random(1)
+    prefix = [rng.randrange(3, 500) for _ in range(50)]
+    prompts = [prefix + [rng.randrange(3, 500) for _ in range(rng.randint(3, 20))] for _ in range(20)]
+    llm = LLM(path, dtype="float32", kvcache_block_size=16, max_model_len=512, gpu_memory_utilization=0.3)
+    try:
+        llm.generate([prefix], SamplingParams(max_tokens=1), use_tqdm=False)  # caches the prefix blocks
+        out = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert max(shared_counts) == 3, shared_counts
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    for p, o in zip(prompts, out):
+        assert o["token_ids"] == hf_greedy(path, p, 12, hf)
+
+
 def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen3Config
     from engine.demo import build_tokenizer

@@ -1,46 +1,20 @@
 """Triton KV-store and paged-attention kernels against engine.kernels.reference.
 
-Two tiers:
-* small sizes (unmarked): on CPU through the Triton interpreter, or on the GPU when there is one;
-* ``gpu``-marked: real sizes, bf16, contexts up to 8192, CUDA-graph capture; skipped without CUDA.
-
-The interpreter only works if TRITON_INTERPRET=1 was set before Triton was first imported (Triton
-decorates its own helpers such as ``tl.sum`` at import). This module sets it when there is no GPU;
-if something imported Triton earlier (torch._dynamo does, through transformers),
-``test_small_tier_in_fresh_interpreter`` reruns the small tier in a fresh process instead.
+Two tiers (see tests/triton_tiers.py): small sizes through the Triton interpreter on CPU (or on the GPU
+when there is one), and ``gpu``-marked real sizes: bf16, contexts up to 8192, CUDA-graph capture.
 
 The interpreter (Triton 3.9) multiplies bf16 dot operands as raw bits, so the CPU tier checks
 fp32 and fp16; bf16 is covered by the GPU tier. Outputs are poisoned with NaN before each call,
 so any element the kernel fails to write fails the check.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton")
+from tests.triton_tiers import (DEVICE, gpu, in_fresh_interpreter, needs_cuda, run_in_fresh_interpreter,
+                                small)
+from engine.kernels import reference, triton_attention, triton_kv  # noqa: I001 (after triton_tiers)
 
-from engine.kernels import reference, triton_attention, triton_kv  # noqa: E402
-
-
-def _interpreter_active() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(triton.language.cdiv, InterpretedFunction)
-
-
-IN_PROCESS = ON_GPU or _interpreter_active()
-small = pytest.mark.skipif(not IN_PROCESS, reason="Triton was imported before TRITON_INTERPRET "
-                           "was set: test_small_tier_in_fresh_interpreter runs this")
-DEVICE = "cuda" if ON_GPU else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,6 +68,32 @@ def check_decode(context_lens, num_heads, num_kv_heads, head_dim, block_size, dt
     assert rel_error(out, ref) < TOLERANCE[dtype]
 
 
+def share_prefix(tables: torch.Tensor, shared: int) -> torch.Tensor:
+    """Point the first ``shared`` table entries of every row at row 0's blocks (a cached prefix)."""
+    tables = tables.clone()
+    tables[:, :shared] = tables[0, :shared]
+    return tables
+
+
+def check_shared_decode(context_lens, shared, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                        seed, config=None):
+    """Cascade decode: rows share their first ``shared`` blocks; a context-0 row (CUDA-graph
+    padding) must come out as zeros and not disturb the others."""
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables, lens = make_paged(context_lens + [0], num_kv_heads, head_dim,
+                                                block_size, dtype, gen)
+    tables = share_prefix(tables, shared)
+    q = strided_query(len(context_lens) + 1, num_heads, head_dim, dtype, gen)
+    scale = head_dim ** -0.5
+    shared_blocks = torch.tensor([shared], dtype=torch.int32, device=DEVICE)
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                                  shared_blocks, out=poisoned_like(q),
+                                                  config=config)
+    ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    assert rel_error(out[:-1], ref[:-1]) < TOLERANCE[dtype]
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
 def check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
                   seed, config=None):
     gen = torch.Generator().manual_seed(seed)
@@ -111,15 +111,9 @@ def check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block
 
 # ---------------------------------------------------------------- small tier (CPU interpreter)
 
-@pytest.mark.skipif(IN_PROCESS, reason="the small tier runs in this process")
+@in_fresh_interpreter
 def test_small_tier_in_fresh_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "not fresh_interpreter"]
-    result = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout, result.stdout[-3000:]
+    run_in_fresh_interpreter(__file__)
 
 
 @small
@@ -181,6 +175,20 @@ def test_decode_zero_context_gives_zeros():
 
 
 @small
+@pytest.mark.parametrize("shared", [0, 1, 3])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("num_heads,num_kv_heads,dtype", [(4, 2, torch.float32), (8, 2, torch.float16),
+                                                          (2, 2, torch.float32)])
+def test_decode_shared_prefix(shared, num_splits, num_heads, num_kv_heads, dtype):
+    """Every row has at least one block of its own after the shared ones (as in the engine)."""
+    context_lens = [3 * 16 + 1, 4 * 16, 5 * 16 + 9, 3 * 16 + 16, 7 * 16 + 2]
+    config = triton_attention.DecodeConfig(block_n=16, num_stages=2, num_splits=num_splits,
+                                           shared_block_m=16, shared_num_warps=4)
+    check_shared_decode(context_lens, shared, num_heads, num_kv_heads, 16, 16, dtype,
+                        seed=shared * 10 + (num_splits or 0) + num_heads, config=config)
+
+
+@small
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (4, 2), (3, 1), (8, 2)])
 @pytest.mark.parametrize("head_dim,dtype", [(16, torch.float32), (32, torch.float16)])
@@ -236,6 +244,20 @@ def test_decode_gpu_large_batch(block_size):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+@pytest.mark.parametrize("batch", [16, 256])
+def test_decode_gpu_shared_prefix(block_size, num_heads, num_kv_heads, batch):
+    """W3's shape: a ~900-token prefix shared by the batch, 100-300 own tokens per sequence."""
+    gen = torch.Generator().manual_seed(block_size + batch)
+    shared = 896 // block_size if block_size < 896 else 1
+    lens = (shared * block_size + torch.randint(1, 300, (batch,), generator=gen)).tolist()
+    check_shared_decode(lens, shared, num_heads, num_kv_heads, 128, block_size, torch.bfloat16,
+                        seed=block_size * num_heads + batch)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_decode_gpu_dtypes(dtype, head_dim):
@@ -286,7 +308,8 @@ def test_store_kvcache_gpu():
 @needs_cuda
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_decode_cuda_graph(block_size):
-    """Capture once; replay after rewriting q, context_lens and block_tables in place."""
+    """Capture once; replay after rewriting q, context_lens, block_tables and the shared-prefix
+    length in place."""
     batch, num_heads, num_kv_heads, head_dim, max_len = 32, 16, 8, 128, 8192
     gen = torch.Generator().manual_seed(block_size)
     max_blocks = max_len // block_size
@@ -297,26 +320,24 @@ def test_decode_cuda_graph(block_size):
     q = torch.randn(batch, num_heads, head_dim, generator=gen).bfloat16().cuda()
     tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device="cuda")
     lens = torch.ones(batch, dtype=torch.int32, device="cuda")
+    shared_blocks = torch.zeros(1, dtype=torch.int32, device="cuda")
     out = torch.full_like(q, float("nan"))
     scale = head_dim ** -0.5
 
     def step():
-        triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out)
+        triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale,
+                                                shared_blocks, out=out)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    from benchmarks.kernels import capture_graph
+    graph, _ = capture_graph(step)
 
-    for _ in range(3):
-        new_lens = torch.randint(1, max_len + 1, (batch,), generator=gen)
-        new_lens[0], new_lens[1] = 1, max_len
+    for shared in (0, 3, 0, 1):  # the shared-prefix length changes between replays
+        new_lens = torch.randint(shared * block_size + 1, max_len + 1, (batch,), generator=gen)
+        new_lens[0], new_lens[1] = shared * block_size + 1, max_len
         lens.copy_(new_lens.to(torch.int32))
-        tables.copy_(torch.randperm(num_blocks, generator=gen).view(batch, max_blocks).int())
+        perm = torch.randperm(num_blocks, generator=gen).view(batch, max_blocks).int()
+        tables.copy_(share_prefix(perm, shared))
+        shared_blocks.fill_(shared)
         q.copy_(torch.randn(q.shape, generator=gen).bfloat16())
         out.fill_(float("nan"))
         graph.replay()

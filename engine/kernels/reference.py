@@ -60,8 +60,11 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
-    """Decode attention: one query token per sequence (``q: [B, num_heads, head_dim]``)."""
+                               scale: float, shared_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention: one query token per sequence (``q: [B, num_heads, head_dim]``).
+
+    ``shared_blocks`` (how many leading blocks every row shares) is a hint for the Triton kernel's
+    cascade path; the result does not depend on it."""
     out = torch.empty_like(q)
     for b, ctx in enumerate(context_lens.tolist()):
         k = gather_context(k_cache, block_tables[b], ctx)

@@ -25,6 +25,8 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int | None = None
+    shared_block_m: int = 128   # query rows (sequences x heads in group) per shared-prefix program
+    shared_num_warps: int = 8
 
 
 @dataclass(frozen=True)
@@ -66,42 +68,16 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
-                         out_ptr, part_out_ptr, part_lse_ptr, qk_scale,
-                         stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
-                         stride_cb, stride_ct, stride_ch,
-                         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
-    """Grid (batch, kv_head, split). Split ``s`` covers ``[s * split_len, (s + 1) * split_len)``
-    of the sequence, ``split_len`` derived on the device from its context length, so every split
-    of a long sequence has work and splits past a short one return at once. With one split the
-    program writes the output; otherwise a normalised partial output and its log2-sum-exp."""
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    context_len = tl.load(context_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    if NUM_SPLITS > 1 and start >= context_len:
-        return
-    end = tl.minimum(start + split_len, context_len)
-
-    offs_h = tl.arange(0, BLOCK_H)
+def _attend_keys(q, k_base, v_base, block_table, start, end, qk_scale, stride_cb, stride_ct,
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of the ``ROWS`` query rows ``q`` over keys ``[start, end)`` of one block
+    table (all visible, no causal mask): returns the row max, denominator and unnormalised output."""
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + offs_h
-    head_mask = offs_h < GROUP
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=head_mask[:, None], other=0.0)
-    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    k_base = k_ptr + kv_head * stride_ch
-    v_base = v_ptr + kv_head * stride_ch
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     for tile in range(start, end, BLOCK_N):
         valid = tile + offs_n < end
         kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
@@ -111,33 +87,144 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
         scores = tl.where(valid[None, :], scores, float("-inf"))
         v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
+    return m_i, l_i, acc
 
-    if NUM_SPLITS == 1:
+
+# Split counts are runtime arguments (not specialised), so the batch sizes captured in CUDA graphs share one
+# compiled kernel instead of compiling one per split count at startup.
+@triton.jit(do_not_specialize=["num_splits", "num_slots"])
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, shared_blocks_ptr,
+                         out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits, num_slots,
+                         stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+                         stride_cb, stride_ct, stride_ch,
+                         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HAS_SHARED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (batch, kv_head, split). Split ``s`` covers ``[s * split_len, (s + 1) * split_len)``
+    of the sequence's own keys, ``split_len`` derived on the device from its length, so every
+    split of a long sequence has work and splits past a short one return at once. With
+    HAS_SHARED, the first ``shared_blocks`` cache blocks (common to the whole batch) are left to
+    :func:`_shared_prefix_kernel` and the splits cover the rest. A program writes the output
+    when it is the only one with work; otherwise a normalised partial output and its
+    log2-sum-exp into slot ``split`` of ``num_slots``."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    shared_len = 0
+    if HAS_SHARED:
+        shared_len = tl.minimum(tl.load(shared_blocks_ptr) * BLOCK_SIZE, context_len)
+    own_len = context_len - shared_len
+    split_len = tl.cdiv(tl.cdiv(own_len, num_splits), BLOCK_N) * BLOCK_N
+    start = shared_len + split * split_len
+    if (num_splits > 1) & (start >= context_len):
+        return
+    end = tl.minimum(start + split_len, context_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + offs_h
+    head_mask = offs_h < GROUP
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=head_mask[:, None], other=0.0)
+    m_i, l_i, acc = _attend_keys(q, k_ptr + kv_head * stride_ch, v_ptr + kv_head * stride_ch,
+                                 block_tables_ptr + seq.to(tl.int64) * stride_bt, start, end, qk_scale,
+                                 stride_cb, stride_ct, BLOCK_H, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                 DOT_PRECISION)
+
+    if _writes_output(num_splits, shared_len, HAS_SHARED):
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
         out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
-        row = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
-                 mask=head_mask[:, None])
-        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=head_mask)
+        _store_partial(part_out_ptr, part_lse_ptr, (seq * NUM_HEADS + heads) * num_slots + split,
+                       acc, m_i, l_i, offs_d, head_mask, HEAD_DIM)
 
 
 @triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, out_ptr,
-                          stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr):
-    """Grid (batch, head): merge the partials of the splits that had work."""
+def _writes_output(num_splits, shared_len, HAS_SHARED: tl.constexpr):
+    """Whether the split kernel writes the final output itself (one part only), leaving the reduce idle."""
+    direct = num_splits == 1
+    if HAS_SHARED:
+        direct = direct & (shared_len == 0)
+    return direct
+
+
+@triton.jit
+def _store_partial(part_out_ptr, part_lse_ptr, row, acc, m_i, l_i, offs_d, mask,
+                   HEAD_DIM: tl.constexpr):
+    """Normalised partial output and its log2-sum-exp (-inf for a part with no keys)."""
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / safe_l[:, None],
+             mask=mask[:, None])
+    tl.store(part_lse_ptr + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=mask)
+
+
+@triton.jit(do_not_specialize=["batch", "num_splits", "prefix_splits"])
+def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, shared_blocks_ptr,
+                          part_out_ptr, part_lse_ptr, qk_scale, batch, num_splits, prefix_splits,
+                          stride_qb, stride_qh, stride_cb, stride_ct, stride_ch,
+                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    """Grid (row tile, kv_head, prefix split): attention of every sequence's query to the cache
+    blocks the whole batch shares (cascade attention). The rows of a tile are (sequence, head in
+    group) pairs across the batch, so each shared K/V tile is read once per row tile instead of
+    once per sequence, and scores are a real matrix product. The shared blocks all precede every
+    sequence's own keys, so no mask is needed. Writes partial slot ``num_splits + split``."""
+    row_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    shared_len = tl.load(shared_blocks_ptr) * BLOCK_SIZE
+    split_len = tl.cdiv(tl.cdiv(shared_len, prefix_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    if start >= shared_len:
+        return
+    end = tl.minimum(start + split_len, shared_len)
+
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    seqs = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_mask = seqs < batch
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + seqs[:, None].to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+    m_i, l_i, acc = _attend_keys(q, k_ptr + kv_head * stride_ch, v_ptr + kv_head * stride_ch,
+                                 block_tables_ptr, start, end, qk_scale,  # row 0: the blocks are shared
+                                 stride_cb, stride_ct, BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                 DOT_PRECISION)
+    slot_rows = (seqs * NUM_HEADS + heads) * (num_splits + prefix_splits) + num_splits + split
+    _store_partial(part_out_ptr, part_lse_ptr, slot_rows, acc, m_i, l_i, offs_d, row_mask,
+                   HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["num_splits", "prefix_splits"])
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_blocks_ptr, out_ptr,
+                          num_splits, prefix_splits, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HAS_SHARED: tl.constexpr, SLOTS_P2: tl.constexpr):
+    """Grid (batch, head): merge the partials of the parts that had work (own-key splits, then
+    shared-prefix splits); a no-op when the split kernel wrote the output itself."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, BLOCK_N)
-    num_active = tl.cdiv(context_len, split_len)
-    splits = tl.arange(0, SPLITS_P2)
-    active = splits < num_active
-    row = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
-    lse = tl.load(part_lse_ptr + row, mask=active, other=-1e30)  # finite: no inf - inf
+    shared_len = 0
+    if HAS_SHARED:
+        shared_len = tl.minimum(tl.load(shared_blocks_ptr) * BLOCK_SIZE, context_len)
+    if _writes_output(num_splits, shared_len, HAS_SHARED):
+        return
+    own_len = context_len - shared_len
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(own_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    slots = tl.arange(0, SLOTS_P2)
+    active = slots < tl.cdiv(own_len, split_len)
+    if HAS_SHARED:
+        prefix_len = tl.cdiv(tl.cdiv(shared_len, prefix_splits), BLOCK_N) * BLOCK_N
+        prefix_slot = slots - num_splits
+        active |= (prefix_slot >= 0) & (prefix_slot < prefix_splits) \
+            & (prefix_slot * prefix_len < shared_len)
+    row = (seq * NUM_HEADS + head) * (num_splits + prefix_splits) + slots
+    lse = tl.load(part_lse_ptr + row, mask=active, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), -1e30, lse)  # finite: no inf - inf
     weight = tl.where(active, tl.exp2(lse - tl.max(lse, 0)), 0.0)
     offs_d = tl.arange(0, HEAD_DIM)
     part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
@@ -215,11 +302,12 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int,
+def decode_num_splits(rows: int, num_kv_heads: int, max_context: int, block_n: int,
                       num_sms: int) -> int:
-    """Splits per sequence, from shapes only (CUDA graphs): enough programs for ~2 per SM,
-    never more splits than key tiles in the longest possible context, at most 64."""
-    wanted = triton.cdiv(2 * num_sms, batch * num_kv_heads)
+    """Splits of the keys, from shapes only (CUDA graphs), for a grid of ``rows x num_kv_heads``
+    programs per split (sequences, or row tiles of the shared prefix): enough programs for ~2 per
+    SM, never more splits than key tiles in the longest possible context, at most 64."""
+    wanted = triton.cdiv(2 * num_sms, rows * num_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, block_n), 64))
 
 
@@ -245,47 +333,61 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           *, out: torch.Tensor | None = None,
+                           shared_blocks: torch.Tensor | None = None, *,
+                           out: torch.Tensor | None = None,
                            config: DecodeConfig | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: ``q [B, num_heads, head_dim]``.
 
     ``block_tables [B, max_blocks]`` and ``context_lens [B]`` are int32 (int64 works too) device
     tensors; only the first ``cdiv(context_lens[b], block_size)`` entries of a row are read, and a
-    context length of 0 gives a zero output. Launch sizes depend on shapes only, so the call is
-    CUDA-graph capturable. ``out`` (same shape as q, last dim contiguous) is written if given.
+    context length of 0 gives a zero output. ``shared_blocks`` (int32 ``[1]`` on the device), if
+    given, says that the first that many entries of every row are the same full blocks (a prefix
+    shared through the prefix cache): they are then attended once for the whole batch (cascade
+    attention), and 0 means none. Launch sizes depend on shapes only, so the call is CUDA-graph
+    capturable. ``out`` (same shape as q, last dim contiguous) is written if given.
     """
     group = _check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     config = config or _default_decode_config(q.dtype)
+    max_context = block_tables.shape[1] * block_size
     num_splits = config.num_splits or decode_num_splits(
-        batch, num_kv_heads, block_tables.shape[1] * block_size, config.block_n,
-        _num_sms(q.device))
+        batch, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
+    row_tiles = triton.cdiv(batch * group, config.shared_block_m)
+    prefix_splits = 0 if shared_blocks is None else decode_num_splits(
+        row_tiles, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
     if batch == 0:
         return out
-    if num_splits > 1:
-        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
-                               device=q.device)
-        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32,
-                               device=q.device)
+    slots = num_splits + prefix_splits
+    if slots > 1:
+        part_out = torch.empty((batch, num_heads, slots, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_heads, slots), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the single-split kernel
+    shared = context_lens if shared_blocks is None else shared_blocks  # not read without HAS_SHARED
+    shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n)
+    attention = dict(GROUP=group, DOT_PRECISION=_dot_precision(q.dtype), **shapes)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
-        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, block_tables, context_lens, shared, out, part_out, part_lse,
+        scale * _LOG2E, num_splits, slots, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n,
-        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HAS_SHARED=shared_blocks is not None, **attention,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if num_splits > 1:
+    if shared_blocks is not None:
+        _shared_prefix_kernel[(row_tiles, num_kv_heads, prefix_splits)](
+            q, k_cache, v_cache, block_tables, shared_blocks, part_out, part_lse, scale * _LOG2E,
+            batch, num_splits, prefix_splits, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), BLOCK_M=config.shared_block_m,
+            **attention, num_warps=config.shared_num_warps, num_stages=config.num_stages)
+    if slots > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, context_lens, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_N=config.block_n,
-            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4)
+            part_out, part_lse, context_lens, shared, out, num_splits, prefix_splits, out.stride(0),
+            out.stride(1), HAS_SHARED=shared_blocks is not None,
+            SLOTS_P2=max(16, triton.next_power_of_2(slots)), **shapes, num_warps=4)
     return out
 
 
@@ -327,7 +429,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def _default_decode_config(dtype: torch.dtype) -> DecodeConfig:
     if dtype == torch.float32:
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2, shared_block_m=32,
+                            shared_num_warps=4)
     return DecodeConfig()
 
 

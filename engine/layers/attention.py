@@ -65,14 +65,14 @@ class Attention(nn.Module):
                 logger.debug("Decode attention: k_cache=%s, v_cache=%s", list(self.k_cache.shape),
                              list(self.v_cache.shape))
             out = _decode(self.backend)(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
-                                        self.scale)
+                                        self.scale, ctx.shared_blocks)
         if debug:
             logger.debug("Attention output: %s", list(out.shape))
         return out
 
     def _prefill(self, q, k, v, ctx) -> torch.Tensor:
         if not self.k_cache.numel():  # warm-up before the cache exists
-            if _varlen_attn is not None and q.is_cuda:
+            if _use_varlen(q):
                 return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
             return reference.varlen_attention_ref(q, k, v, ctx.cu_seqlens_q, self.scale)
         if self.backend == "flash-attn":
@@ -81,13 +81,18 @@ class Attention(nn.Module):
             return flash_attn_varlen_func(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, cu_k,
                                           ctx.max_seqlen_q, ctx.max_seqlen_k, softmax_scale=self.scale,
                                           causal=True, block_table=ctx.block_tables)
-        if self.backend == "triton" and not ctx.has_cached_prefix and _varlen_attn is not None and q.is_cuda:
+        if self.backend == "triton" and not ctx.has_cached_prefix and _use_varlen(q):
             return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
         fn = reference.paged_prefill_attention_ref
         if self.backend == "triton":
             from engine.kernels.triton_attention import paged_prefill_attention as fn
         return fn(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                   self.scale, ctx.max_seqlen_q)
+
+
+def _use_varlen(q: torch.Tensor) -> bool:
+    """torch's varlen FlashAttention serves uncached CUDA prefills in fp16/bf16 (it has no fp32 kernel)."""
+    return _varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _store(backend: str):
@@ -101,7 +106,7 @@ def _decode(backend: str):
     if backend == "flash-attn":
         from flash_attn import flash_attn_with_kvcache
 
-        def run(q, k_cache, v_cache, block_tables, context_lens, scale):
+        def run(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks=None):
             out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=context_lens.int(),
                                           block_table=block_tables.int(), softmax_scale=scale, causal=True)
             return out.squeeze(1)

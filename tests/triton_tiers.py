@@ -1,0 +1,49 @@
+"""The two tiers of the Triton kernel tests (test_kernels.py, test_fused_kernels.py).
+
+* small sizes (unmarked, ``@small``): on CPU through the Triton interpreter, or on the GPU when there is one;
+* ``gpu``-marked (``@gpu @needs_cuda``): real sizes; skipped without CUDA.
+
+Import this module before Triton. The interpreter only works if TRITON_INTERPRET=1 was set before Triton
+was first imported (Triton decorates its own helpers such as ``tl.sum`` at import), so this sets it when
+there is no GPU. If something imported Triton earlier (torch._dynamo does, through transformers), the small
+tier cannot run in this process: each file's ``test_small_tier_in_fresh_interpreter`` reruns it in a fresh
+one through :func:`run_in_fresh_interpreter`.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+
+
+def interpreter_active() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(triton.language.cdiv, InterpretedFunction)
+
+
+IN_PROCESS = ON_GPU or interpreter_active()
+small = pytest.mark.skipif(not IN_PROCESS, reason="Triton was imported before TRITON_INTERPRET "
+                           "was set: test_small_tier_in_fresh_interpreter runs this")
+in_fresh_interpreter = pytest.mark.skipif(IN_PROCESS, reason="the small tier runs in this process")
+DEVICE = "cuda" if ON_GPU else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+
+
+def run_in_fresh_interpreter(test_file: str) -> None:
+    """Run ``test_file``'s small tier in a new process with TRITON_INTERPRET=1 set from the start."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-x", "-p", "no:cacheprovider",
+           "-k", "not fresh_interpreter"]
+    result = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout, result.stdout[-3000:]
+
