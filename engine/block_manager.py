@@ -123,8 +123,8 @@ class BlockManager:
         elif len(seq) % self.block_size == 0 and self.enable_prefix_caching:
             index = len(seq) // self.block_size - 1
             prefix = self.blocks[seq.block_table[index - 1]].hash if index > 0 else -1
-            if index == 0 or prefix != -1:
-                tokens = seq.block(index)
+            tokens = seq.block(index)
+            if (index == 0 or prefix != -1) and len(tokens) == self.block_size:  # not when a token is pending
                 self._register(self.blocks[seq.block_table[index]], block_hash(tokens, prefix), tokens)
 
     def _take(self, block_id: int, fresh: bool = False) -> Block:

@@ -15,8 +15,9 @@ class Config:
     max_num_seqs: int = 512
     max_num_batched_tokens: int = 16384
     gpu_memory_utilization: float = 0.9
-    kvcache_block_size: int = 256
+    kvcache_block_size: int = 128
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True  # schedule the next decode step while the current one runs (1 GPU/CPU)
     dtype: str = "auto"
     seed: int = 0
     num_kvcache_blocks: int | None = None  # fixed block count; None = size from memory

@@ -3,7 +3,7 @@ scheduler and model runner one step at a time, applies stop strings, and reports
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -12,7 +12,7 @@ from engine.config import Config
 from engine.loader import resolve_model_path
 from engine.logger import get_logger, memory_summary
 from engine.metrics import StepRecord
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, SampledTokens
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -21,6 +21,17 @@ logger = get_logger(__name__)
 Prompt = str | list[int] | list[dict]
 RULE = "-" * 80
 STOP_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_model_len": "length"}
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device; its tokens are read when it completes."""
+    seqs: list[Sequence]
+    is_prefill: bool
+    tokens: SampledTokens | list[int]
+    num_tokens: int
+    hit_tokens: int
+    num_preempted: int
 
 
 class LLMEngine:
@@ -38,6 +49,9 @@ class LLMEngine:
         self.model_runner = self._start_runners()
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self._eos_token_ids())
         self.step_callbacks: list[Callable[[StepRecord], None]] = []
+        # Async scheduling needs the sampled tokens on the device (single-rank runner only, see step()).
+        self.async_scheduling = self.config.async_scheduling and self.config.tensor_parallel_size == 1
+        self.in_flight: LaunchedStep | None = None
         self.stats = dict(steps=0, prefill_time_s=0.0, decode_time_s=0.0, prompt_tokens=0, generated_tokens=0)
 
     def _start_runners(self) -> ModelRunner:
@@ -101,7 +115,7 @@ class LLMEngine:
         return seq
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self.in_flight is None
 
     def add_step_callback(self, fn: Callable[[StepRecord], None]) -> None:
         """Call ``fn(record)`` after every engine step."""
@@ -109,29 +123,54 @@ class LLMEngine:
 
     # ----- stepping -------------------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], StepRecord]:
-        """Run one scheduled batch; return the sequences that finished and the step's metrics."""
+        """Complete one scheduled batch; return the sequences that finished and the step's metrics.
+
+        With async scheduling, the next decode batch is scheduled and launched before this one's tokens are
+        read, so the host work of one step (scheduling, input preparation, postprocessing) overlaps the
+        device work of the other instead of leaving the GPU idle.
+        """
         start = time.perf_counter()
-        seqs, is_prefill = self.scheduler.schedule()
-        num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
-        hit_tokens = sum(s.num_cached_tokens for s in seqs) if is_prefill else 0
-        token_ids = self.model_runner.run(seqs, is_prefill)
-        finished = self.scheduler.postprocess(seqs, token_ids)
-        finished += self._apply_stop_strings(seqs)
+        current = self.in_flight or self._launch(*self.scheduler.schedule())
+        self.in_flight = self._launch_next_decode(current) if self.async_scheduling else None
+        token_ids = current.tokens if isinstance(current.tokens, list) else current.tokens.tolist()
+        live = sum(not s.is_finished for s in current.seqs)
+        finished = self.scheduler.postprocess(current.seqs, token_ids)
+        finished += self._apply_stop_strings(current.seqs)
         now = time.perf_counter()
         for seq in finished:
             seq.finish_time = now
         elapsed = now - start
         self.stats["steps"] += 1
-        self.stats["prefill_time_s" if is_prefill else "decode_time_s"] += elapsed
-        self.stats["generated_tokens"] += len(seqs)
+        self.stats["prefill_time_s" if current.is_prefill else "decode_time_s"] += elapsed
+        self.stats["generated_tokens"] += live
         bm = self.scheduler.block_manager
-        record = StepRecord(self.stats["steps"] - 1, "prefill" if is_prefill else "decode", len(seqs), num_tokens,
-                            len(self.scheduler.running), len(self.scheduler.waiting),
-                            self.scheduler.num_preempted_last_step, len(finished), bm.num_used_blocks,
-                            bm.num_free_blocks, hit_tokens, elapsed, time.time())
+        record = StepRecord(self.stats["steps"] - 1, "prefill" if current.is_prefill else "decode",
+                            len(current.seqs), current.num_tokens, len(self.scheduler.running),
+                            len(self.scheduler.waiting), current.num_preempted, len(finished), bm.num_used_blocks,
+                            bm.num_free_blocks, current.hit_tokens, elapsed, time.time())
         for fn in self.step_callbacks:
             fn(record)
         return finished, record
+
+    def _launch(self, seqs: list[Sequence], is_prefill: bool,
+                previous: tuple[SampledTokens, list[int]] | None = None) -> LaunchedStep:
+        num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
+        hit_tokens = sum(s.num_cached_tokens for s in seqs) if is_prefill else 0
+        if self.async_scheduling:
+            tokens = self.model_runner.launch(seqs, is_prefill, previous)
+        else:
+            tokens = self.model_runner.run(seqs, is_prefill)
+        for seq in seqs:
+            seq.num_pending += 1
+        return LaunchedStep(seqs, is_prefill, tokens, num_tokens, hit_tokens, self.scheduler.num_preempted_last_step)
+
+    def _launch_next_decode(self, current: LaunchedStep) -> LaunchedStep | None:
+        """Launch the decode step after ``current`` now, feeding it ``current``'s tokens on the device."""
+        seqs = self.scheduler.schedule_next_decode(current.seqs)
+        if seqs is None:
+            return None
+        row = {s.seq_id: i for i, s in enumerate(current.seqs)}
+        return self._launch(seqs, False, (current.tokens.device, [row[s.seq_id] for s in seqs]))
 
     def _apply_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
         finished = []

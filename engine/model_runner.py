@@ -1,6 +1,7 @@
 """Owns the model on one device (one TP rank): weights, the paged KV cache, CUDA graphs, input preparation,
 the forward pass and sampling."""
 import logging
+from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
@@ -14,11 +15,35 @@ from engine.layers.sampler import Sampler, SamplingBatch
 from engine.loader import load_weights
 from engine.logger import get_logger, memory_summary, timed
 from engine.models import build_model
-from engine.models.decoder import head_dim_of
 from engine.sequence import Sequence
 
 logger = get_logger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where no memory profile is taken
+CASCADE_MIN_BATCH = 16  # smaller decode batches gain little from it and would pay its extra kernels
+
+
+def shared_prefix_blocks(tables: np.ndarray, lengths: np.ndarray) -> int:
+    """How many leading block-table entries all rows have in common (a prefix shared through the prefix
+    cache), stopping before any row's last block, which is still being written."""
+    cap = int(lengths.min()) - 1 if len(lengths) > 1 else 0
+    if cap <= 0:
+        return 0
+    same = (tables[:, :cap] == tables[0, :cap]).all(axis=0)
+    return cap if same.all() else int(same.argmin())
+
+
+@dataclass
+class SampledTokens:
+    """A launched step's sampled token ids: on the device (the next step may read them there) and on their way
+    to the host. ``tolist()`` waits for this step only, not for steps launched after it."""
+    device: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    def tolist(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -50,7 +75,7 @@ class ModelRunner:
         self._sampling_cache: tuple[list[int], SamplingBatch] | None = None
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._allocate_kv_cache()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, cascade) -> graph
         if not config.enforce_eager and self.device.type == "cuda":
             self._capture_cudagraphs()
 
@@ -136,14 +161,15 @@ class ModelRunner:
         return torch.as_tensor(np.asarray(data), dtype=dtype).pin_memory().to(self.device, non_blocking=True) \
             if pin else torch.as_tensor(np.asarray(data), dtype=dtype)
 
-    def _block_table_array(self, seqs: list[Sequence]) -> np.ndarray:
-        """Block tables padded with 0 into one ``[n, max_blocks]`` array, built without a per-row loop."""
+    def _block_table_array(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
+        """Block tables padded with 0 into one ``[n, max_blocks]`` array, built without a per-row loop, and
+        each row's length."""
         lengths = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=len(seqs))
         flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), dtype=np.int32, count=int(lengths.sum()))
         table = np.zeros((len(seqs), int(lengths.max())), dtype=np.int32)
         rows = np.repeat(np.arange(len(seqs)), lengths)
         table[rows, np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = flat
-        return table
+        return table, lengths
 
     def _prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         new_lens = np.array([len(s) - s.num_cached_tokens for s in seqs])
@@ -151,7 +177,7 @@ class ModelRunner:
         starts = np.repeat([s.num_cached_tokens for s in seqs], new_lens)
         offsets = np.arange(len(input_ids)) - np.repeat(np.cumsum(new_lens) - new_lens, new_lens)
         positions = starts + offsets
-        tables = self._block_table_array(seqs)
+        tables, _ = self._block_table_array(seqs)
         rows = np.repeat(np.arange(len(seqs)), new_lens)
         slot_mapping = tables[rows, positions // self.block_size] * self.block_size + positions % self.block_size
         cu_seqlens_q = np.concatenate([[0], np.cumsum(new_lens)])
@@ -169,23 +195,35 @@ class ModelRunner:
                          self.rank, new_lens.max(), max(context_lens), len(input_ids))
         return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
 
-    def _prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        n, tables = len(seqs), self._block_table_array(seqs)
-        packed = np.empty(4 * n + tables.size, dtype=np.int64)  # one host-to-device copy per step
+    def _prepare_decode(self, seqs: list[Sequence], previous: tuple[torch.Tensor, list[int]] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode inputs. With ``previous = (sampled, rows)`` the input tokens are not known on the host yet: row
+        ``rows[i]`` of the previous step's device-side ``sampled`` tokens feeds sequence i."""
+        n, (tables, lengths) = len(seqs), self._block_table_array(seqs)
+        packed = np.empty(4 * n + tables.size + 1, dtype=np.int64)  # one host-to-device copy per step
         rows = packed[:4 * n].reshape(4, n)
-        rows[0] = [s.last_token for s in seqs]
+        rows[0] = [s.last_token for s in seqs] if previous is None else previous[1]
         rows[3] = [len(s) for s in seqs]
         rows[1] = rows[3] - 1
         rows[2] = [s.block_table[-1] * self.block_size + s.last_block_num_tokens - 1 for s in seqs]
-        packed[4 * n:] = tables.ravel()
+        packed[4 * n:-1] = tables.ravel()
+        packed[-1] = shared = shared_prefix_blocks(tables, lengths) if self._cascade(n) else 0
         device = self._to_device(packed, torch.int64)
         input_ids, positions, slot_mapping, context_lens = device[:4 * n].view(4, n)
+        if previous is not None:
+            input_ids = previous[0].index_select(0, input_ids)
         set_context(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
-                    block_tables=device[4 * n:].view(tables.shape))
+                    block_tables=device[4 * n:-1].view(tables.shape), shared_blocks=device[-1:] if shared else None)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] DECODE tensors: input_ids=[%d], positions=[%d], context_lens=[%d], "
-                         "block_tables=%s", self.rank, n, n, n, list(tables.shape))
+                         "block_tables=%s, shared_prefix_blocks=%d", self.rank, n, n, n, list(tables.shape), shared)
         return input_ids, positions
+
+    def _cascade(self, batch: int) -> bool:
+        """Whether a decode batch of this size may attend to its shared prefix blocks once (cascade attention):
+        with the Triton kernels, from CASCADE_MIN_BATCH sequences. Graphs of those sizes are captured twice,
+        with and without it, so batches with no shared prefix pay nothing for it."""
+        return Attention.backend == "triton" and batch >= CASCADE_MIN_BATCH
 
     def _prepare_sampling(self, seqs: list[Sequence]) -> SamplingBatch:
         """Per-row sampling tensors; reused while the batch is unchanged (seeded rows need fresh positions)."""
@@ -197,7 +235,7 @@ class ModelRunner:
         floats = np.array([[p.temperature for p in params], [p.top_p for p in params],
                            [p.min_p for p in params]], dtype=np.float32)
         ints = np.array([[p.top_k for p in params], [-1 if p.seed is None else p.seed for p in params],
-                         [s.num_completion_tokens for s in seqs]], dtype=np.int64)
+                         [len(s) - s.num_prompt_tokens for s in seqs]], dtype=np.int64)  # pending ones count
         temps, top_ps, min_ps = self._to_device(floats, torch.float32)
         top_ks, seeds, positions = self._to_device(ints, torch.int64)
         batch = SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, positions,
@@ -208,21 +246,36 @@ class ModelRunner:
         return batch
 
     # ----- forward --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
         """One engine step on this rank: returns the sampled token per sequence (rank 0), else None."""
+        sampled = self.launch(seqs, is_prefill)
+        return sampled.tolist() if sampled is not None else None
+
+    @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], is_prefill: bool,
+               previous: tuple[torch.Tensor, list[int]] | None = None) -> SampledTokens | None:
+        """Queue one step's forward and sampling on the device without waiting for them; rank 0 gets the
+        sampled tokens back (see :meth:`_prepare_decode` for ``previous``)."""
         phase = "PREFILL" if is_prefill else "DECODE"
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] Preparing %s batch: %d sequences", self.rank, phase, len(seqs))
-        prepare = self._prepare_prefill if is_prefill else self._prepare_decode
-        input_ids, positions = prepare(seqs)
+        input_ids, positions = self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs, previous)
         sampling = self._prepare_sampling(seqs) if self.rank == 0 else None
         with timed(logger, self.device, "[Rank %d] Model forward %s", self.rank, phase):
             logits = self._forward(input_ids, positions, is_prefill)
         if logger.isEnabledFor(logging.DEBUG) and logits is not None:
             logger.debug("[Rank %d] Output: logits=%s", self.rank, list(logits.shape))
         reset_context()
-        return self.sampler(logits, sampling).tolist() if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        sampled = self.sampler(logits, sampling)
+        if self.device.type != "cuda":
+            return SampledTokens(sampled, sampled, None)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return SampledTokens(sampled, host, ready)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor | None:
         bs = input_ids.shape[0]
@@ -242,18 +295,22 @@ class ModelRunner:
             slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=self.device),
             context_lens=torch.ones(max_bs, dtype=torch.int32, device=self.device),
             block_tables=torch.zeros(max_bs, config.max_blocks_per_seq, dtype=torch.int32, device=self.device),
+            shared_blocks=torch.zeros(1, dtype=torch.int64, device=self.device),
             outputs=torch.zeros(max_bs, hidden, dtype=self.dtype, device=self.device))
         buf, pool = self.graph_buffers, None
-        logger.info("Capturing CUDA graphs for decode batch sizes %s", self.graph_sizes)
-        for bs in reversed(self.graph_sizes):
+        logger.info("Capturing CUDA graphs for decode batch sizes %s%s", self.graph_sizes,
+                    f" (from {CASCADE_MIN_BATCH} also with cascade attention)" if self._cascade(max_bs) else "")
+        for bs, cascade in [(bs, c) for bs in reversed(self.graph_sizes) for c in (False, True)
+                            if not c or self._cascade(bs)]:
             graph = torch.cuda.CUDAGraph()
             set_context(is_prefill=False, slot_mapping=buf["slot_mapping"][:bs],
-                        context_lens=buf["context_lens"][:bs], block_tables=buf["block_tables"][:bs])
+                        context_lens=buf["context_lens"][:bs], block_tables=buf["block_tables"][:bs],
+                        shared_blocks=buf["shared_blocks"] if cascade else None)
             buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])  # warm-up
             with torch.cuda.graph(graph, pool):
                 buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])
             pool = pool or graph.pool()
-            self.graphs[bs] = graph
+            self.graphs[bs, cascade] = graph
             torch.cuda.synchronize(self.device)
             reset_context()
         logger.info("Captured %d CUDA graphs - %s", len(self.graphs), memory_summary(self.device))
@@ -269,9 +326,12 @@ class ModelRunner:
         buf["slot_mapping"][:bs].copy_(ctx.slot_mapping)
         buf["context_lens"][:bs].copy_(ctx.context_lens)
         buf["block_tables"][:bs, :ctx.block_tables.shape[1]].copy_(ctx.block_tables)
+        cascade = ctx.shared_blocks is not None
+        if cascade:
+            buf["shared_blocks"].copy_(ctx.shared_blocks)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] DECODE CUDA graph replay: batch=%d, graph_batch=%d, k_cache=%s, v_cache=%s "
                          "(per-layer attention lines are not emitted during replay)", self.rank, bs, graph_bs,
                          list(self.kv_cache[0].shape), list(self.kv_cache[1].shape))
-        self.graphs[graph_bs].replay()
+        self.graphs[graph_bs, cascade].replay()
         return buf["outputs"][:bs]

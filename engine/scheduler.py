@@ -1,5 +1,10 @@
 """Chooses each step's batch: a prefill of waiting sequences if any fit, else one decode token for every
-running sequence, preempting (and later recomputing) the newest ones when the KV cache runs out."""
+running sequence, preempting (and later recomputing) the newest ones when the KV cache runs out.
+
+With async scheduling the engine asks for the next decode batch while the current step still runs on the
+GPU (:meth:`Scheduler.schedule_next_decode`): its sequences then hold a *pending* token, counted in their
+length but not yet known. Sequences sure to finish with the pending token (length limits) are left out; one
+that stops on a sampled token (EOS, stop token) is found one step late and its extra token is dropped."""
 import logging
 from collections import deque
 
@@ -65,10 +70,31 @@ class Scheduler:
                         len(scheduled), num_tokens, describe_batch(scheduled, True))
         return scheduled
 
-    def _schedule_decode(self) -> list[Sequence]:
-        scheduled = []
+    def schedule_next_decode(self, current: list[Sequence]) -> list[Sequence] | None:
+        """The decode batch to launch after ``current`` before its tokens are known, or None when the next step
+        must wait for them: sequences are waiting (a prefill may be due), some running sequence was not in
+        ``current`` (its input token would come from elsewhere), or nothing would be left to run."""
+        if self.waiting or len(self.running) > self.max_num_seqs:
+            return None
+        in_current = {s.seq_id for s in current}
+        finishing = {s.seq_id for s in self.running if self._finishes_with_pending(s)}
+        if len(finishing) == len(self.running) or any(
+                s.seq_id not in in_current for s in self.running if s.seq_id not in finishing):
+            return None
+        self.num_preempted_last_step = 0
+        return self._schedule_decode(finishing) or None
+
+    def _finishes_with_pending(self, seq: Sequence) -> bool:
+        return len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
+
+    def _schedule_decode(self, skip: set[int] = frozenset()) -> list[Sequence]:
+        """One token for every running sequence (but those in ``skip``), preempting the newest when needed."""
+        scheduled, skipped = [], []
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
+            if seq.seq_id in skip:
+                skipped.append(seq)
+                continue
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())
@@ -78,7 +104,7 @@ class Scheduler:
             else:
                 self.block_manager.may_append(seq)
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+        self.running.extendleft(reversed(scheduled + skipped))
         if self.num_preempted_last_step:
             logger.warning("KV cache full: preempted %d sequence(s) for recomputation (free_blocks=%d)",
                            self.num_preempted_last_step, self.block_manager.num_free_blocks)
@@ -94,9 +120,12 @@ class Scheduler:
         self.num_preempted_last_step += 1
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Append each sampled token; finish sequences that hit EOS, a stop token or a length limit."""
+        """Append each sampled token; finish sequences that hit EOS, a stop token or a length limit. Sequences
+        that finished while this step was in flight are skipped (their token is one past the end)."""
         finished = []
         for seq, token_id in zip(seqs, token_ids):
+            if seq.is_finished:
+                continue
             seq.append_token(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason:
@@ -112,15 +141,16 @@ class Scheduler:
             return "stop"
         if seq.num_completion_tokens >= params.max_tokens:
             return "max_tokens"
-        if len(seq) >= self.max_model_len:
+        if len(seq.token_ids) >= self.max_model_len:
             return "max_model_len"
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.num_pending = 0
         self.block_manager.deallocate(seq)
-        self.running.remove(seq)
+        (self.running if seq in self.running else self.waiting).remove(seq)  # preempted while in flight
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("Sequence finished: seq_id=%d, output_len=%d, reason=%s",
                          seq.seq_id, seq.num_completion_tokens, reason)

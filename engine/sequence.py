@@ -25,6 +25,7 @@ class Sequence:
         self.first_cached_tokens: int | None = None  # hits at first scheduling (reported to the user)
         self.block_size = block_size
         self.block_table: list[int] = []
+        self.num_pending = 0  # tokens sampled by launched steps whose values are not back yet
         self.params = params
         self.finish_reason: str | None = None  # "eos" | "stop" | "max_tokens" | "max_model_len"
         self.stop_text_end: int | None = None  # cut the text here when a stop string matched
@@ -33,7 +34,8 @@ class Sequence:
         self.finish_time: float | None = None
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        """Tokens the KV cache will hold once the launched steps finish (known tokens plus pending ones)."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def is_finished(self) -> bool:
@@ -41,6 +43,7 @@ class Sequence:
 
     @property
     def num_completion_tokens(self) -> int:
+        """Generated tokens known so far (pending ones not included)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -53,17 +56,19 @@ class Sequence:
 
     @property
     def num_blocks(self) -> int:
-        return -(-len(self.token_ids) // self.block_size)
+        return -(-len(self) // self.block_size)
 
     @property
     def last_block_num_tokens(self) -> int:
-        return len(self.token_ids) - (self.num_blocks - 1) * self.block_size
+        return len(self) - (self.num_blocks - 1) * self.block_size
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
 
     def append_token(self, token_id: int) -> None:
+        """Add a sampled token (the value of the oldest pending one, if any)."""
         self.token_ids.append(token_id)
+        self.num_pending = max(0, self.num_pending - 1)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
 

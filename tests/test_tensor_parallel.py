@@ -1,5 +1,4 @@
 """Tensor-parallel sharding arithmetic (no processes), and a real 2-rank gloo run on CPU."""
-import multiprocessing as mp
 import subprocess
 import sys
 
