@@ -42,6 +42,11 @@ def w1_requests(n: int = 256) -> tuple[list[list[int]], list[SamplingParams]]:
     return prompts, params
 
 
+def fresh(prompts: list[list[int]], run: int) -> list[list[int]]:
+    """The same prompt lengths with other token ids, so a repeated run finds nothing in the prefix cache."""
+    return [[(t + 10007 * run) % 100000 for t in p] for p in prompts]
+
+
 def timed_generate(llm: LLM, prompts, params) -> tuple[float, list[dict]]:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -81,7 +86,11 @@ def main() -> None:
     ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-random")
     ap.add_argument("--workloads", default="HF,W4,W1,LOG,W2,W3")
     ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=None, help="kvcache_block_size (default: the engine's)")
     args = ap.parse_args()
+    engine_args = dict(max_model_len=4096)
+    if args.block_size:
+        engine_args["kvcache_block_size"] = args.block_size
     wanted = args.workloads.split(",")
     configure("WARNING")
     path = build_checkpoint(args.model_dir)
@@ -94,7 +103,7 @@ def main() -> None:
 
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    llm = LLM(path, max_model_len=4096)
+    llm = LLM(path, **engine_args)
     res["W4"] = dict(startup_s=time.perf_counter() - start, kv_blocks=llm.model_runner.num_blocks,
                      kv_block_size=llm.config.kvcache_block_size,
                      kv_cache_gb=llm.model_runner.kv_cache.numel() * 2 / 2**30,
@@ -102,7 +111,7 @@ def main() -> None:
     print("W4", res["W4"], flush=True)
     if "W1" in wanted:
         first_wall, _ = timed_generate(llm, prompts, params)  # warm-up: compiles kernels for every shape seen
-        runs = [timed_generate(llm, prompts, params) for _ in range(3)]
+        runs = [timed_generate(llm, fresh(prompts, run), params) for run in (1, 2, 3)]
         tokens = sum(len(o["token_ids"]) for o in runs[0][1])
         rates = sorted(tokens / wall for wall, _ in runs)
         res["W1"] = dict(prompts=len(prompts), generated_tokens=tokens, tok_per_s=rates[1], runs_tok_per_s=rates,
@@ -110,17 +119,19 @@ def main() -> None:
         print("W1", res["W1"], flush=True)
     if "LOG" in wanted:  # back-to-back pairs in alternating order, so drift and order cancel; median of pairs
         pairs = []
-        for i in range(4):
+        for i in range(6):
             rate = {}
-            for level in (("INFO", "WARNING"), ("WARNING", "INFO"))[i % 2]:
+            for j, level in enumerate((("INFO", "WARNING"), ("WARNING", "INFO"))[i % 2]):
                 configure(level)
-                wall, outs = timed_generate(llm, prompts, params)
+                wall, outs = timed_generate(llm, fresh(prompts, 4 + 2 * i + j), params)
                 rate[level] = sum(len(o["token_ids"]) for o in outs) / wall
             pairs.append(rate)
         configure("WARNING")
         costs = sorted(100 * (1 - p["INFO"] / p["WARNING"]) for p in pairs)
+        mean = {level: sum(p[level] for p in pairs) / len(pairs) for level in ("INFO", "WARNING")}
         res["LOG"] = dict(pairs_tok_per_s=pairs, info_cost_pct_per_pair=costs,
-                          info_vs_warning_pct=(costs[1] + costs[2]) / 2)
+                          info_vs_warning_pct=(costs[2] + costs[3]) / 2,
+                          info_vs_warning_pct_of_means=100 * (1 - mean["INFO"] / mean["WARNING"]))
         print("LOG", res["LOG"], flush=True)
     if "W2" in wanted:
         rng = random.Random(1)
@@ -138,15 +149,15 @@ def main() -> None:
         w3 = [prefix + [rng.randint(0, 10000) for _ in range(100)] for _ in range(256)]
         p3 = SamplingParams(temperature=0.6, max_tokens=64, ignore_eos=True)
         res["W3"] = {}
-        for caching in (True, False):
+        for caching in (True, False):  # a warm-up run, then 3 timed runs, each with its own shared prefix
             if not caching:
                 free(llm)
-                llm = LLM(path, max_model_len=4096, enable_prefix_caching=False)
-            timed_generate(llm, [[1, 2, 3]], SamplingParams(max_tokens=4))
-            wall, outs = timed_generate(llm, w3, p3)
+                llm = LLM(path, **engine_args, enable_prefix_caching=False)
+            runs = [timed_generate(llm, fresh(w3, run), p3) for run in range(4)][1:]
+            walls = sorted(wall for wall, _ in runs)
             res["W3"]["on" if caching else "off"] = dict(
-                wall_s=wall, tok_per_s=sum(len(o["token_ids"]) for o in outs) / wall,
-                cached_tokens=sum(o["num_cached_tokens"] for o in outs))
+                wall_s=walls[1], runs_wall_s=walls, tok_per_s=256 * 64 / walls[1],
+                cached_tokens=sum(o["num_cached_tokens"] for o in runs[0][1]))
         res["W3"]["speedup"] = res["W3"]["on"]["tok_per_s"] / res["W3"]["off"]["tok_per_s"]
         print("W3", res["W3"], flush=True)
     res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
