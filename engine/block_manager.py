@@ -53,10 +53,10 @@ class BlockManager:
         return self.num_blocks - self.num_free_blocks
 
     def _full_block_hashes(self, seq: Sequence) -> list[int]:
-        hashes, prefix = [], -1
-        for i in range(len(seq) // self.block_size):
-            prefix = block_hash(seq.block(i), prefix)
-            hashes.append(prefix)
+        """Chained hashes of the sequence's full blocks, extending the ones computed before (tokens only grow)."""
+        hashes = seq.block_hashes
+        for i in range(len(hashes), len(seq.token_ids) // self.block_size):
+            hashes.append(block_hash(seq.block(i), hashes[-1] if hashes else -1))
         return hashes
 
     def _cached_prefix(self, seq: Sequence, hashes: list[int]) -> list[int]:

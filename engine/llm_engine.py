@@ -76,10 +76,10 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             token_ids = self._render_chat(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list) and set(map(type, prompt)) <= {int}:  # (bool is not int here)
             token_ids = list(prompt)
             vocab = self.config.hf_config.vocab_size
-            if any(t < 0 or t >= vocab for t in token_ids):
+            if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab):
                 raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
         else:
             raise ValueError(f"prompt must be a string, a list of token ids or a list of chat messages, "
@@ -110,7 +110,11 @@ class LLMEngine:
                              f"only {self.model_runner.num_blocks} blocks of {self.config.kvcache_block_size}")
 
     def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> Sequence:
-        seq = Sequence(self.encode_prompt(prompt, params.max_tokens), params, self.config.kvcache_block_size, index)
+        """Queue one request (validated as in :meth:`encode_prompt`); it runs from the next step on."""
+        return self._add_encoded(self.encode_prompt(prompt, params.max_tokens), params, index)
+
+    def _add_encoded(self, token_ids: list[int], params: SamplingParams, index: int) -> Sequence:
+        seq = Sequence(token_ids, params, self.config.kvcache_block_size, index)
         self.scheduler.add(seq)
         return seq
 
@@ -202,7 +206,7 @@ class LLMEngine:
                 encoded.append(self.encode_prompt(prompt, p.max_tokens))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        seqs = [self.add_request(ids, p, i) for i, (ids, p) in enumerate(zip(encoded, params))]
+        seqs = [self._add_encoded(ids, p, i) for i, (ids, p) in enumerate(zip(encoded, params))]
         total_prompt_tokens = sum(s.num_prompt_tokens for s in seqs)
         self.stats["prompt_tokens"] += total_prompt_tokens
         logger.info(RULE)

@@ -25,6 +25,7 @@ class Sequence:
         self.first_cached_tokens: int | None = None  # hits at first scheduling (reported to the user)
         self.block_size = block_size
         self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the leading full blocks (the block manager's cache)
         self.num_pending = 0  # tokens sampled by launched steps whose values are not back yet
         self.params = params
         self.finish_reason: str | None = None  # "eos" | "stop" | "max_tokens" | "max_model_len"
