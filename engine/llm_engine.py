@@ -13,6 +13,7 @@ from engine.loader import resolve_model_path
 from engine.logger import get_logger, memory_summary
 from engine.metrics import StepRecord
 from engine.model_runner import ModelRunner, SampledTokens
+from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -126,8 +127,9 @@ class LLMEngine:
         self.step_callbacks.append(fn)
 
     # ----- stepping -------------------------------------------------------------------------------
-    def step(self) -> tuple[list[Sequence], StepRecord]:
-        """Complete one scheduled batch; return the sequences that finished and the step's metrics.
+    def step(self) -> StepOutput:
+        """Complete one scheduled batch; return the sequences that finished, the tokens appended and the step's
+        metrics.
 
         With async scheduling, the next decode batch is scheduled and launched before this one's tokens are
         read, so the host work of one step (scheduling, input preparation, postprocessing) overlaps the
@@ -137,7 +139,7 @@ class LLMEngine:
         current = self.in_flight or self._launch(*self.scheduler.schedule())
         self.in_flight = self._launch_next_decode(current) if self.async_scheduling else None
         token_ids = current.tokens if isinstance(current.tokens, list) else current.tokens.tolist()
-        live = sum(not s.is_finished for s in current.seqs)
+        new_tokens = {s.seq_id: [t] for s, t in zip(current.seqs, token_ids) if not s.is_finished}
         finished = self.scheduler.postprocess(current.seqs, token_ids)
         finished += self._apply_stop_strings(current.seqs)
         now = time.perf_counter()
@@ -146,7 +148,7 @@ class LLMEngine:
         elapsed = now - start
         self.stats["steps"] += 1
         self.stats["prefill_time_s" if current.is_prefill else "decode_time_s"] += elapsed
-        self.stats["generated_tokens"] += live
+        self.stats["generated_tokens"] += len(new_tokens)
         bm = self.scheduler.block_manager
         record = StepRecord(self.stats["steps"] - 1, "prefill" if current.is_prefill else "decode",
                             len(current.seqs), current.num_tokens, len(self.scheduler.running),
@@ -154,7 +156,7 @@ class LLMEngine:
                             bm.num_free_blocks, current.hit_tokens, elapsed, time.time())
         for fn in self.step_callbacks:
             fn(record)
-        return finished, record
+        return StepOutput(finished, new_tokens, record)
 
     def _launch(self, seqs: list[Sequence], is_prefill: bool,
                 previous: tuple[SampledTokens, list[int]] | None = None) -> LaunchedStep:
@@ -220,13 +222,13 @@ class LLMEngine:
         bar = tqdm(total=num_seqs, desc="Generating", dynamic_ncols=True) if use_tqdm else None
         done, debug = 0, logger.isEnabledFor(logging.DEBUG)
         while not self.is_finished():
-            finished, record = self.step()
-            done += len(finished)
-            if finished and debug:
+            out = self.step()
+            done += len(out.finished)
+            if out.finished and debug:
                 logger.debug("Postprocess: %d/%d sequences finished", done, num_seqs)
             if bar is not None:
-                bar.update(len(finished))
-                bar.set_postfix(phase=record.phase, batch=record.batch_size)
+                bar.update(len(out.finished))
+                bar.set_postfix(phase=out.record.phase, batch=out.record.batch_size)
         if bar is not None:
             bar.close()
         logger.info("Generation complete: %d steps, total_output_tokens=%d, prefill_time=%.2fs, decode_time=%.2fs",

@@ -167,13 +167,13 @@ class EngineActor:
                         owners[seq.seq_id] = (run, seq)
                 if not owners:
                     continue
-                generated = {seq_id: seq.num_completion_tokens for seq_id, (_, seq) in owners.items()}
-                finished, record = self.llm.step()
-                # Every scheduled sequence sampled one token: count the batch's sequences per shard.
-                in_batch = Counter(run for seq_id, (run, seq) in owners.items()
-                                   if seq.num_completion_tokens > generated[seq_id])
-                self._attribute(record.to_dict(), max(in_batch, key=in_batch.__getitem__))
-                for seq in finished:
+                out = self.llm.step()
+                # Count the sequences that got tokens this step per shard (a step of prompt chunks alone gets
+                # none: it goes to the oldest shard).
+                in_batch = Counter(run for seq_id, (run, _) in owners.items() if seq_id in out.new_tokens)
+                oldest = next(iter(owners.values()))[0]
+                self._attribute(out.record.to_dict(), max(in_batch, key=in_batch.__getitem__, default=oldest))
+                for seq in out.finished:
                     run, _ = owners.pop(seq.seq_id)
                     run.outputs[seq.index] = self.llm.result(seq)
                     run.remaining -= 1
