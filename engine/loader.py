@@ -35,7 +35,8 @@ def resolve_model_path(model: str) -> str:
             raise ValueError(f"model directory {model!r} has no config.json (and no .gguf file)")
         return expanded
     if os.path.exists(expanded) or expanded.startswith((".", "/", "~")) or expanded.count("/") != 1:
-        raise ValueError(f"model {model!r} is neither a local model directory, a .gguf file nor a Hugging Face hub id")
+        raise ValueError(f"model {model!r} is neither a local model directory nor a .gguf file nor a "
+                         f"Hugging Face hub id")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(model, allow_patterns=HUB_FILES)
@@ -98,7 +99,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     missing = set(params) - loaded - ({"lm_head.weight"} if tied else set())
     if missing:
         raise ValueError(f"checkpoint in {gguf_file or path!r} lacks weights for {sorted(missing)[:5]}")
-    logger.info("Loaded %d weight tensors from %s", len(loaded), gguf_file or path)
+    logger.debug("Loaded %d weight tensors from %s", len(loaded), gguf_file or path)
 
 
 def _safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:

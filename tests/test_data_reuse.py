@@ -16,7 +16,7 @@ from test_pipeline_support import start_ray_cluster
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 
 # The demo model on CPU with a short context and 16-token KV blocks; greedy, so every path must agree.
-ENGINE = dict(model="demo", device="cpu", max_model_len=256, kvcache_block_size=16, max_tokens=4, temperature=0.0)
+ENGINE = dict(model="demo-random", device="cpu", max_model_len=256, kvcache_block_size=16, max_tokens=4, temperature=0.0)
 TOPICS = ["rivers", "harbours", None, "stars", "bridges", "", "forests", "rain"]   # None and "" become errors
 BAD = {2: "invalid prompt", 5: "invalid prompt"}
 

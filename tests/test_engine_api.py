@@ -90,7 +90,7 @@ def test_step_records_match_schedule(llm):
 
 def test_invalid_engine_arguments():
     with pytest.raises(ValueError, match="kvcache_block_size"):
-        LLM("demo", device="cpu", kvcache_block_size=24)
+        LLM("demo-random", device="cpu", kvcache_block_size=24)
     with pytest.raises(ValueError, match="neither a local model directory nor"):
         LLM("/no/such/model", device="cpu")
     with pytest.raises(TypeError, match="unknown LLM arguments"):

@@ -206,8 +206,8 @@ def job_a(ray_cluster, tmp_path_factory):
     so the engine queues and preempts, and a 140-token prompt can never fit."""
     from transformers import AutoTokenizer
 
-    from engine.demo import demo_model_path
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
+    from engine.demo import random_demo_path
+    tokenizer = AutoTokenizer.from_pretrained(random_demo_path())
     n = JOB_A_ROWS
     prompts = [f"Row {i}: tell me about {['rivers', 'cities', 'stars'][i % 3]}" for i in range(n)]
     max_tokens, temperature, top_p, seed = [None] * n, [None] * n, [None] * n, [None] * n

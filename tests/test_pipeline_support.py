@@ -56,10 +56,10 @@ class PacedActor(EngineActor):
 
 
 def job_argv(input_path, output, *extra: str, actors: int = 1, shard_size: int = 4, max_tokens: int = 4) -> list[str]:
-    """Flags for a small CPU job on the demo model (kv blocks of 16 tokens, max_model_len 256)."""
-    args = ["--output", str(output), "--device", "cpu", "--num-actors", str(actors), "--shard-size", str(shard_size),
-            "--max-tokens", str(max_tokens), "--max-model-len", "256", "--engine-arg", "kvcache_block_size=16",
-            "--progress-interval", "5"]
+    """Flags for a small CPU job on the tiny random model (kv blocks of 16 tokens, max_model_len 256)."""
+    args = ["--output", str(output), "--model", "demo-random", "--device", "cpu", "--num-actors", str(actors),
+            "--shard-size", str(shard_size), "--max-tokens", str(max_tokens), "--max-model-len", "256",
+            "--engine-arg", "kvcache_block_size=16", "--progress-interval", "5"]
     if input_path is not None:
         args = ["--input", str(input_path), *args]
     return [*args, *extra]
