@@ -37,3 +37,17 @@ def hf_model(path: str):
     if path not in _HF_MODELS:
         _HF_MODELS[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return _HF_MODELS[path]
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model():
+    """``load(gguf_file)``: the file through transformers' own GGUF loader (fp32, CPU), loaded once per session."""
+    from transformers import AutoModelForCausalLM
+    models = {}
+
+    def load(gguf_file: str):
+        if gguf_file not in models:
+            folder, name = os.path.split(gguf_file)
+            models[gguf_file] = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+        return models[gguf_file]
+    return load
