@@ -153,6 +153,34 @@ def test_add_rms_norm(dtype):
 
 @small
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_fp32_residual(dtype):
+    """The decoder's residual stream is fp32: the sum stays fp32, the norm comes back in the layer dtype, and a
+    massive channel (~25,000, as in SmolLM2) is added exactly where a bf16 stream would lose it."""
+    x = randn(5, 576, dtype=dtype, scale=2.0)  # SmolLM2's hidden size
+    residual = randn(5, 576, dtype=torch.float32, seed=1)
+    residual[:, 7] = 24926.0
+    w = randn(576, dtype=dtype, seed=2)
+    out, summed = triton_fused.add_rms_norm(x, residual, w, 1e-5)
+    ref, ref_summed = fusion.torch_add_rms_norm(x, residual, w, 1e-5)
+    assert out.dtype == ref.dtype == dtype and summed.dtype == ref_summed.dtype == torch.float32
+    assert torch.equal(summed, ref_summed) and torch.equal(summed, x.float() + residual)
+    check(out, ref, max_ulp=1)
+
+
+@small
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (10, 2, 80), (6, 2, 96), (8, 1, 256)])
+def test_rotary_real_head_layouts(num_heads, num_kv_heads, head_dim):
+    q, k, _ = qkv_views(4, num_heads, num_kv_heads, head_dim, torch.float32, seed=head_dim)
+    cos, sin = rope_cache(64, head_dim)
+    positions = torch.tensor([0, 5, 31, 63], device=DEVICE)
+    out_q, out_k = triton_fused.rotary(positions, q, k, cos, sin)
+    ref_q, ref_k = fusion.torch_rotary(positions, q, k, cos, sin)
+    check(out_q, ref_q)
+    check(out_k, ref_k)
+
+
+@small
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     x = randn(2, 3, 2 * 300, dtype=dtype, scale=4.0)  # leading dims are flattened; 300 is not a power of two
     check(triton_fused.silu_and_mul(x), fusion.torch_silu_and_mul(x))

@@ -215,6 +215,42 @@ def test_prefill_default_config_and_max_seqlen_from_cu():
     assert rel_error(out, ref) < TOLERANCE[torch.float32]
 
 
+# Head layouts of real checkpoints at small scale: (query heads, KV heads, head_dim). GQA groups 1, 2, 3, 5, 7, 8;
+# head_dim 64 / 80 / 96 / 128 / 256 (80 and 96 are not powers of two: the kernels mask the padded lanes).
+REAL_HEADS = [(9, 3, 64),     # SmolLM2-135M
+              (14, 2, 64),    # Qwen2-0.5B (group 7)
+              (10, 2, 80),    # group 5, head_dim 80
+              (6, 2, 96),     # head_dim 96
+              (4, 4, 128),    # MHA
+              (16, 8, 128),   # Qwen3-0.6B
+              (8, 1, 256)]    # head_dim 256, group 8
+
+
+@small
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", REAL_HEADS)
+def test_real_head_layouts_small(num_heads, num_kv_heads, head_dim):
+    """Store, decode (split and cascade) and paged prefill on the head layouts real models have."""
+    dtype, block_size, seed = torch.float32, 16, num_heads * 1000 + head_dim
+    gen = torch.Generator().manual_seed(seed)
+    key = torch.randn(5, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    k_cache = torch.full((2, block_size, num_kv_heads, head_dim), float("nan"), device=DEVICE)
+    v_cache, k_ref, v_ref = k_cache.clone(), k_cache.clone(), k_cache.clone()
+    slots = torch.tensor([0, 17, 3, -1, 31], device=DEVICE)
+    triton_kv.store_kvcache(key, -key, k_cache, v_cache, slots)
+    reference.store_kvcache_ref(key, -key, k_ref, v_ref, slots)
+    torch.testing.assert_close(k_cache, k_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_ref, rtol=0, atol=0, equal_nan=True)
+    contexts = [1, 15, 33, 50]
+    for splits in (1, 3):
+        config = triton_attention.DecodeConfig(block_n=16, num_stages=2, num_splits=splits)
+        check_decode(contexts, num_heads, num_kv_heads, head_dim, block_size, dtype, seed, config)
+    check_shared_decode([33, 40, 49], 2, num_heads, num_kv_heads, head_dim, block_size, dtype, seed,
+                        triton_attention.DecodeConfig(block_n=16, num_stages=2, shared_block_m=16,
+                                                      shared_num_warps=4))
+    check_prefill([5, 1, 20], [5, 18, 40], num_heads, num_kv_heads, head_dim, block_size, dtype, seed,
+                  triton_attention.PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2))
+
+
 # ---------------------------------------------------------------------- GPU tier (real sizes)
 
 HEADS = [(16, 16), (16, 8), (32, 4)]  # GQA ratios 1, 2, 8

@@ -69,23 +69,24 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _attend_keys(q, k_base, v_base, block_table, start, end, qk_scale, stride_cb, stride_ct,
-                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax of the ``ROWS`` query rows ``q`` over keys ``[start, end)`` of one block
     table (all visible, no causal mask): returns the row max, denominator and unnormalised output."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, DIM_P2)
     offs_n = tl.arange(0, BLOCK_N)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    acc = tl.zeros([ROWS, DIM_P2], tl.float32)
     for tile in range(start, end, BLOCK_N):
         valid = tile + offs_n < end
         kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
                            BLOCK_N)
-        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        kv_mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
     return m_i, l_i, acc
 
@@ -98,8 +99,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
                          stride_cb, stride_ct, stride_ch,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_SHARED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (batch, kv_head, split). Split ``s`` covers ``[s * split_len, (s + 1) * split_len)``
     of the sequence's own keys, ``split_len`` derived on the device from its length, so every
     split of a long sequence has work and splits past a short one return at once. With
@@ -122,20 +123,21 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
     end = tl.minimum(start + split_len, context_len)
 
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, DIM_P2)
     heads = kv_head * GROUP + offs_h
     head_mask = offs_h < GROUP
+    mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=head_mask[:, None], other=0.0)
+                mask=mask, other=0.0)
     m_i, l_i, acc = _attend_keys(q, k_ptr + kv_head * stride_ch, v_ptr + kv_head * stride_ch,
                                  block_tables_ptr + seq.to(tl.int64) * stride_bt, start, end, qk_scale,
-                                 stride_cb, stride_ct, BLOCK_H, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                 stride_cb, stride_ct, BLOCK_H, HEAD_DIM, DIM_P2, BLOCK_SIZE, BLOCK_N,
                                  DOT_PRECISION)
 
     if _writes_output(num_splits, shared_len, HAS_SHARED):
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
         out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         _store_partial(part_out_ptr, part_lse_ptr, (seq * NUM_HEADS + heads) * num_slots + split,
                        acc, m_i, l_i, offs_d, head_mask, HEAD_DIM)
@@ -156,7 +158,7 @@ def _store_partial(part_out_ptr, part_lse_ptr, row, acc, m_i, l_i, offs_d, mask,
     """Normalised partial output and its log2-sum-exp (-inf for a part with no keys)."""
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc / safe_l[:, None],
-             mask=mask[:, None])
+             mask=mask[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(part_lse_ptr + row, tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf")), mask=mask)
 
 
@@ -165,8 +167,8 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, shared_blocks_p
                           part_out_ptr, part_lse_ptr, qk_scale, batch, num_splits, prefix_splits,
                           stride_qb, stride_qh, stride_cb, stride_ct, stride_ch,
                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (row tile, kv_head, prefix split): attention of every sequence's query to the cache
     blocks the whole batch shares (cascade attention). The rows of a tile are (sequence, head in
     group) pairs across the batch, so each shared K/V tile is read once per row tile instead of
@@ -186,12 +188,12 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, shared_blocks_p
     seqs = rows // GROUP
     heads = kv_head * GROUP + rows % GROUP
     row_mask = seqs < batch
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, DIM_P2)
     q = tl.load(q_ptr + seqs[:, None].to(tl.int64) * stride_qb + heads[:, None] * stride_qh
-                + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+                + offs_d[None, :], mask=row_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     m_i, l_i, acc = _attend_keys(q, k_ptr + kv_head * stride_ch, v_ptr + kv_head * stride_ch,
                                  block_tables_ptr, start, end, qk_scale,  # row 0: the blocks are shared
-                                 stride_cb, stride_ct, BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                 stride_cb, stride_ct, BLOCK_M, HEAD_DIM, DIM_P2, BLOCK_SIZE, BLOCK_N,
                                  DOT_PRECISION)
     slot_rows = (seqs * NUM_HEADS + heads) * (num_splits + prefix_splits) + num_splits + split
     _store_partial(part_out_ptr, part_lse_ptr, slot_rows, acc, m_i, l_i, offs_d, row_mask,
@@ -201,8 +203,8 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, shared_blocks_p
 @triton.jit(do_not_specialize=["num_splits", "prefix_splits"])
 def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_blocks_ptr, out_ptr,
                           num_splits, prefix_splits, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          HAS_SHARED: tl.constexpr, SLOTS_P2: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr, SLOTS_P2: tl.constexpr):
     """Grid (batch, head): merge the partials of the parts that had work (own-key splits, then
     shared-prefix splits); a no-op when the split kernel wrote the output itself."""
     seq = tl.program_id(0)
@@ -226,21 +228,23 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_b
     lse = tl.load(part_lse_ptr + row, mask=active, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), -1e30, lse)  # finite: no inf - inf
     weight = tl.where(active, tl.exp2(lse - tl.max(lse, 0)), 0.0)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, DIM_P2)
+    d_mask = offs_d < HEAD_DIM
     part = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-                   mask=active[:, None], other=0.0)
+                   mask=active[:, None] & d_mask[None, :], other=0.0)
     total = tl.sum(weight, 0)
     acc = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
     out = out_ptr + seq * stride_ob + head * stride_oh + offs_d
-    tl.store(out, acc.to(out_ptr.dtype.element_ty))
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr,
                     block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_bt, stride_cb, stride_ct, stride_ch,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """Grid (row tile, batch, kv_head). The rows of a tile are (query token, head in group)
     pairs, token-major, so the GROUP query heads of a KV head share every K/V tile. Query token
     ``i`` of a sequence sits at position ``context_len - q_len + i`` and sees keys up to it."""
@@ -260,18 +264,19 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_p
     heads = kv_head * GROUP + rows % GROUP
     row_mask = q_idx < q_len
     q_pos = prefix_len + q_idx
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, DIM_P2)
+    d_mask = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     tokens_q = (q_start + q_idx).to(tl.int64)
     q = tl.load(q_ptr + tokens_q[:, None] * stride_qt + heads[:, None] * stride_qh
-                + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+                + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_ptr + kv_head * stride_ch
     v_base = v_ptr + kv_head * stride_ch
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
     # Keys before `unmasked_end` are visible to every row of the tile: no causal mask there.
     # (Two separate loops, unmasked then masked, measured ~10% slower than this branch.)
     unmasked_end = (prefix_len + first_row // GROUP + 1) // BLOCK_N * BLOCK_N
@@ -281,18 +286,19 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_p
         valid = tokens < context_len
         kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
                            BLOCK_N)
-        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if tile >= unmasked_end:
             visible = (tokens[None, :] <= q_pos[:, None]) & valid[None, :]
             scores = tl.where(visible, scores, float("-inf"))
-        v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     tokens_o = (q_start + q_idx).to(tl.int64)
     tl.store(out_ptr + tokens_o[:, None] * stride_ot + heads[:, None] * stride_oh
-             + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+             + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,7 +330,7 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     assert k_cache.stride() == v_cache.stride(), "K and V caches share one layout"
     assert q.dtype == k_cache.dtype == v_cache.dtype
     assert num_heads % num_kv_heads == 0
-    assert head_dim in (16, 32, 64, 128), "head_dim must be 16, 32, 64 or 128"
+    assert head_dim % 8 == 0 and 16 <= head_dim <= 256, "head_dim must be a multiple of 8 from 16 to 256"
     block_size = k_cache.shape[1]
     assert block_size & (block_size - 1) == 0, "block_size must be a power of two"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -349,7 +355,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = _check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    config = config or _default_decode_config(q.dtype)
+    config = config or _default_decode_config(q.dtype, head_dim)
     max_context = block_tables.shape[1] * block_size
     num_splits = config.num_splits or decode_num_splits(
         batch, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
@@ -368,7 +374,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_out = part_lse = out  # unused by the single-split kernel
     shared = context_lens if shared_blocks is None else shared_blocks  # not read without HAS_SHARED
-    shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n)
+    shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_P2=triton.next_power_of_2(head_dim),
+                  BLOCK_SIZE=block_size, BLOCK_N=config.block_n)
     attention = dict(GROUP=group, DOT_PRECISION=_dot_precision(q.dtype), **shapes)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, shared, out, part_out, part_lse,
@@ -421,22 +428,25 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, HEAD_DIM=q.shape[2], BLOCK_SIZE=block_size, BLOCK_M=config.block_m,
+        GROUP=group, HEAD_DIM=q.shape[2], DIM_P2=triton.next_power_of_2(q.shape[2]),
+        BLOCK_SIZE=block_size, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
-def _default_decode_config(dtype: torch.dtype) -> DecodeConfig:
+def _default_decode_config(dtype: torch.dtype, head_dim: int) -> DecodeConfig:
+    wide = head_dim > 128  # halve the row tiles: their fp32 accumulators live in registers
     if dtype == torch.float32:
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=2, shared_block_m=32,
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2, shared_block_m=16 if wide else 32,
                             shared_num_warps=4)
-    return DecodeConfig()
+    return DecodeConfig(shared_block_m=64) if wide else DecodeConfig()
 
 
 def _default_prefill_config(dtype: torch.dtype, head_dim: int) -> PrefillConfig:
+    wide = head_dim > 128
     if dtype == torch.float32:
-        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+        return PrefillConfig(block_m=32 if wide else 64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return PrefillConfig()
+    return PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2) if wide else PrefillConfig()

@@ -94,10 +94,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(s), s)`` with ``s = x + residual`` rounded to the input dtype, in one pass."""
+    """``(rms_norm(s), s)`` with ``s = x + residual`` in the wider dtype of the two, in one pass; the norm comes
+    back in ``x``'s dtype (an fp32 residual stream feeding bf16 layers)."""
     assert x.shape == residual.shape and weight.shape == (x.shape[-1],) and weight.is_contiguous()
-    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return _launch_rms_norm(x, residual, weight, eps, torch.promote_types(sum_dtype, weight.dtype), sum_dtype)
+    return _launch_rms_norm(x, residual, weight, eps, x.dtype, torch.promote_types(x.dtype, residual.dtype))
 
 
 @triton.jit

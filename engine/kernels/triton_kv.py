@@ -15,7 +15,7 @@ def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr
                           stride_kcb, stride_kct, stride_kch,
                           stride_vcb, stride_vct, stride_vch,
                           NUM_KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
@@ -23,8 +23,8 @@ def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
     heads = tl.arange(0, HEADS_P2)[:, None]
-    dims = tl.arange(0, HEAD_DIM)[None, :]
-    mask = heads < NUM_KV_HEADS
+    dims = tl.arange(0, DIM_P2)[None, :]
+    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
     src = token.to(tl.int64)
     key = tl.load(key_ptr + src * stride_kn + heads * stride_kh + dims, mask=mask)
     value = tl.load(value_ptr + src * stride_vn + heads * stride_vh + dims, mask=mask)
@@ -47,7 +47,6 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
     assert key.stride(-1) == 1 and value.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     if num_tokens == 0:
         return
     _store_kvcache_kernel[(num_tokens,)](
@@ -56,4 +55,4 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEADS_P2=triton.next_power_of_2(num_kv_heads),
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], num_warps=4)
+        HEAD_DIM=head_dim, DIM_P2=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1], num_warps=4)

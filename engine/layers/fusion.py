@@ -10,7 +10,8 @@ Both versions round bf16/fp16 values exactly where HF transformers' eager code d
 can match HF token for token (in fp32 all the casts are no-ops):
 
 * RMSNorm: ``h = x.float(); h = h * rsqrt(mean(h ** 2) + eps); out = weight * h.to(x.dtype)``;
-* residual add: ``s = x + residual`` in the input dtype, then RMSNorm of ``s``; ``s`` is the new residual;
+* residual add: ``s = x + residual`` in the residual's dtype (the decoder keeps it in fp32, see
+  ``engine/models/decoder.py``), then RMSNorm of ``s`` returned in ``x``'s dtype; ``s`` is the new residual;
 * SiLU-and-mul: ``silu(gate)`` rounded, times ``up``, rounded;
 * rotary: ``cos, sin`` cast to the input dtype; ``q * cos`` and ``rotate_half(q) * sin`` each rounded,
   then their sum.
@@ -42,7 +43,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(x + residual), x + residual)``."""
+    """``(norm(x + residual), x + residual)``: the norm in ``x``'s dtype, the sum in the wider of the two."""
     if use_triton_kernels(x):
         return _kernels().add_rms_norm(x, residual, weight, eps)
     return torch_add_rms_norm(x, residual, weight, eps)
@@ -72,7 +73,7 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     summed = x + residual
-    return torch_rms_norm(summed, weight, eps), summed
+    return torch_rms_norm(summed, weight, eps).to(x.dtype), summed
 
 
 def torch_silu_and_mul(x: torch.Tensor) -> torch.Tensor:

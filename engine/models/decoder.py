@@ -3,6 +3,12 @@
 They differ only in switches read from the HF config: q/k RMSNorm (Qwen3), q/k/v bias (Qwen2),
 rope scaling (Llama 3), tied embeddings. Parameter names follow the HF checkpoints, except that
 q/k/v and gate/up are packed (see ``packed_modules``).
+
+The residual stream is kept in fp32 whatever the model's dtype (HF keeps it in the model's dtype). Real
+checkpoints carry "massive activations": in SmolLM2-135M a few channels hold ~25,000 from layer 11 on, where
+a bf16 step is 128, so every bf16 residual add shifts the RMSNorm scale of all other channels. With the
+stream in fp32 the bf16 engine's logits sit about 40 % closer to an fp32 run than HF's bf16 run does
+(docs/benchmarks.md, "Real checkpoints"); the layers still compute in the model's dtype.
 """
 import logging
 
@@ -86,7 +92,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual):
         if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
+            hidden, residual = self.input_layernorm(hidden), hidden.float()
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
