@@ -1,57 +1,107 @@
-"""Throughput benchmark on one GPU: W1 (nano-vllm's workload), W1-HF (transformers baseline, same run),
-W2 (single-stream decode latency), W3 (prefix-heavy, caching on/off), W4 (startup), plus the log-level cost
-(W1 at WARNING vs INFO). Random-weight checkpoints of real shapes, bf16. Prints a table and writes JSON.
+"""Throughput benchmark on one GPU (random-weight Qwen3-0.6B shape, bf16). Workloads (``benchmarks/workloads.py``):
 
-    python benchmarks/throughput.py --out results/bench.json [--workloads W1,HF,W2,W3,W4,LOG]
+* W1 (nano-vllm's) and W5 (a 2048-row deep queue): the median of ``--runs`` timed runs (default 3) after a warm-up,
+  fresh token ids every run; W6 (long prompts mixed with short rows): one run after a warm-up, its throughput and
+  the short rows' inter-token latency p50/p99;
+* W1-HF: the same 32 prompts x 256 tokens through the engine and through HF transformers' ``generate_batch``;
+* W5-job: W5 through ``jobs/offline_batch.py`` on one GPU actor (needs Ray): wall time from launch, the rate from
+  the first engine step to the last result, and the time to the first written shard;
+* W2 (single-stream decode latency), W3 (prefix-heavy, caching on/off), W4 (startup), LOG (W1 at INFO vs WARNING).
+
+``--baseline vllm`` runs W1, W5 and W6 through vLLM too (``benchmarks/vllm_baseline.py``, in a subprocess) and the
+table shows both and the ratio: the same requests, measured in the same run of this script.
+
+    python benchmarks/throughput.py --out results/bench.json [--workloads W1,W5,W6,HF,JOB,W2,W3,W4,LOG]
+                                    [--baseline vllm]
 """
 import argparse
 import gc
+import glob
 import json
 import os
-import random
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.workloads import W6_MAX_MODEL_LEN, Request, fresh, w1, w1_hf, w5, w6  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.demo import build_tokenizer  # noqa: E402
 from engine.logger import configure  # noqa: E402
 
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-                 max_position_embeddings=40960)
+                 max_position_embeddings=40960, eos_token_id=151645)
+DEFAULT_WORKLOADS = "HF,W4,W1,W5,W6,LOG,W2,W3"
 
 
 def build_checkpoint(path: str) -> str:
-    """A random-weight Qwen3-0.6B-shaped bf16 checkpoint (speed does not depend on the values)."""
+    """A random-weight Qwen3-0.6B-shaped bf16 checkpoint (speed does not depend on the values) with a word-level
+    tokenizer covering every id (vLLM detokenizes what it generates)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from transformers import AutoModelForCausalLM, Qwen3Config
-    build_tokenizer(path)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+    vocab = {f"t{i}": i for i in range(QWEN3_06B["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = f"t{QWEN3_06B['eos_token_id']}"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos).save_pretrained(path)
     with torch.device("cuda"):
         AutoModelForCausalLM.from_config(Qwen3Config(**QWEN3_06B), dtype=torch.bfloat16).save_pretrained(path)
     return path
 
 
-def w1_requests(n: int = 256) -> tuple[list[list[int]], list[SamplingParams]]:
-    rng = random.Random(0)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in range(n)]
-    return prompts, params
+def as_engine(requests: list[Request]) -> tuple[list[list[int]], list[SamplingParams]]:
+    return [p for p, _ in requests], [SamplingParams(**kw) for _, kw in requests]
 
 
-def fresh(prompts: list[list[int]], run: int) -> list[list[int]]:
-    """The same prompt lengths with other token ids, so a repeated run finds nothing in the prefix cache."""
-    return [[(t + 10007 * run) % 100000 for t in p] for p in prompts]
-
-
-def timed_generate(llm: LLM, prompts, params) -> tuple[float, list[dict]]:
-    torch.cuda.synchronize()
+def timed_generate(llm: LLM, requests: list[Request]) -> tuple[float, list[dict]]:
+    prompts, params = as_engine(requests)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     return time.perf_counter() - start, outs
+
+
+def engine_rate(llm: LLM, requests: list[Request], timed_runs: int = 3) -> dict:
+    """A warm-up run, then the median of the timed runs, each on fresh token ids (no prefix-cache hits)."""
+    timed_generate(llm, fresh(requests, 1))
+    runs = []
+    for run in range(2, 2 + timed_runs):
+        wall, outs = timed_generate(llm, fresh(requests, run))
+        runs.append(dict(wall_s=wall, generated_tokens=sum(len(o["token_ids"]) for o in outs)))
+    rates = sorted(r["generated_tokens"] / r["wall_s"] for r in runs)
+    return dict(prompts=len(requests), generated_tokens=runs[0]["generated_tokens"], tok_per_s=rates[len(rates) // 2],
+                runs_tok_per_s=rates)
+
+
+def w6_with_latency(llm: LLM) -> dict:
+    """W6 through the step API, timing every token of the short rows (inter-token latency)."""
+    requests = fresh(w6(), 1)
+    prompts, params = as_engine(requests)
+    short = {llm.add_request(p, sp, i).seq_id for i, (p, sp) in enumerate(zip(prompts, params)) if len(p) < 2048}
+    last_seen: dict[int, float] = {}
+    gaps, tokens = [], 0
+    start = time.perf_counter()
+    while not llm.is_finished():
+        out = llm.step()
+        now = time.perf_counter()
+        for seq_id, new in out.new_tokens.items():
+            tokens += len(new)
+            if seq_id in short and new:
+                if seq_id in last_seen:
+                    gaps += [(now - last_seen[seq_id]) / len(new)] * len(new)
+                last_seen[seq_id] = now
+    wall = time.perf_counter() - start
+    gaps.sort()
+    p50, p99 = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)]
+    return dict(generated_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall, short_itl_p50_ms=1e3 * p50,
+                short_itl_p99_ms=1e3 * p99, p99_over_p50=p99 / p50)
 
 
 def free(llm: LLM | None = None) -> None:
@@ -61,12 +111,14 @@ def free(llm: LLM | None = None) -> None:
     torch.cuda.empty_cache()
 
 
-def run_hf(path: str, prompts, params) -> dict:
+def run_hf(path: str, requests: list[Request]) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="paged|sdpa").cuda()
-    max_new = 256  # a cap that keeps the baseline's wall time affordable; tok/s is what is compared
+    max_new = requests[0][1]["max_tokens"]
+    assert all(kw["max_tokens"] == max_new and kw["ignore_eos"] for _, kw in requests)
     cfg = GenerationConfig(max_new_tokens=max_new, do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
                            eos_token_id=-1, pad_token_id=0)
+    prompts = [p for p, _ in requests]
     model.generate_batch(prompts[:2], generation_config=cfg, progress_bar=False)  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -80,90 +132,135 @@ def run_hf(path: str, prompts, params) -> dict:
                 tok_per_s=tokens / wall)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results/bench.json")
-    ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-random")
-    ap.add_argument("--workloads", default="HF,W4,W1,LOG,W2,W3")
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--block-size", type=int, default=None, help="kvcache_block_size (default: the engine's)")
-    args = ap.parse_args()
-    engine_args = dict(max_model_len=4096)
-    if args.block_size:
-        engine_args["kvcache_block_size"] = args.block_size
-    wanted = args.workloads.split(",")
-    configure("WARNING")
-    path = build_checkpoint(args.model_dir)
-    prompts, params = w1_requests(args.num_prompts)
-    res: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                     date=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if "HF" in wanted:
-        res["W1-HF"] = run_hf(path, prompts[:32], params[:32])
-        print("W1-HF", res["W1-HF"], flush=True)
+def run_w5_job(path: str) -> dict:
+    """W5 through the batch job (its own process, one GPU actor), timed from launch."""
+    from benchmarks.dataset import write_dataset
+    work = tempfile.mkdtemp(prefix="w5-job-")
+    data, out = os.path.join(work, "w5.parquet"), os.path.join(work, "out")
+    write_dataset(w5(), data)
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "offline_batch.py"), "--input", data, "--model", path,
+           "--device", "cuda", "--temperature", "0.6", "--output", out]
+    launched = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    wall = time.time() - launched
+    import pyarrow.parquet as pq
+    steps = pq.read_table(os.path.join(out, "steps.parquet")).to_pydict()
+    first_step = min(t - s for t, s in zip(steps["timestamp"], steps["step_time_s"]))
+    last_step = max(steps["timestamp"])
+    parts = glob.glob(os.path.join(out, "results", "*.parquet"))
+    tokens = sum(n or 0 for f in parts for n in pq.read_table(f, columns=["num_generated_tokens"]).column(0).to_pylist())
+    return dict(rows=len(w5()), generated_tokens=tokens, wall_s=wall, tok_per_s_end_to_end=tokens / wall,
+                tok_per_s_steps=tokens / (last_step - first_step),
+                first_result_s=min(os.path.getmtime(f) for f in parts) - launched,
+                first_step_s=first_step - launched)
 
+
+def run_vllm(path: str, workloads: list[str]) -> dict:
+    out = tempfile.mktemp(suffix=".json")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "vllm_baseline.py"), path, ",".join(workloads),
+           "--out", out]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(out) as f:
+        return json.load(f)
+
+
+def run_engine_workloads(path: str, wanted: list[str], res: dict, timed_runs: int) -> None:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    llm = LLM(path, **engine_args)
+    llm = LLM(path, max_model_len=4096)
     res["W4"] = dict(startup_s=time.perf_counter() - start, kv_blocks=llm.model_runner.num_blocks,
-                     kv_block_size=llm.config.kvcache_block_size,
+                     kv_block_size=llm.config.kvcache_block_size, max_num_seqs=llm.config.max_num_seqs,
                      kv_cache_gb=llm.model_runner.kv_cache.numel() * 2 / 2**30,
                      cuda_graphs=len(llm.model_runner.graphs))
     print("W4", res["W4"], flush=True)
-    if "W1" in wanted:
-        first_wall, _ = timed_generate(llm, prompts, params)  # warm-up: compiles kernels for every shape seen
-        runs = [timed_generate(llm, fresh(prompts, run), params) for run in (1, 2, 3)]
-        tokens = sum(len(o["token_ids"]) for o in runs[0][1])
-        rates = sorted(tokens / wall for wall, _ in runs)
-        res["W1"] = dict(prompts=len(prompts), generated_tokens=tokens, tok_per_s=rates[1], runs_tok_per_s=rates,
-                         first_run_tok_per_s=tokens / first_wall)
-        print("W1", res["W1"], flush=True)
-    if "LOG" in wanted:  # back-to-back pairs in alternating order, so drift and order cancel; median of pairs
-        pairs = []
-        for i in range(6):
-            rate = {}
-            for j, level in enumerate((("INFO", "WARNING"), ("WARNING", "INFO"))[i % 2]):
-                configure(level)
-                wall, outs = timed_generate(llm, fresh(prompts, 4 + 2 * i + j), params)
-                rate[level] = sum(len(o["token_ids"]) for o in outs) / wall
-            pairs.append(rate)
-        configure("WARNING")
-        costs = sorted(100 * (1 - p["INFO"] / p["WARNING"]) for p in pairs)
-        mean = {level: sum(p[level] for p in pairs) / len(pairs) for level in ("INFO", "WARNING")}
-        res["LOG"] = dict(pairs_tok_per_s=pairs, info_cost_pct_per_pair=costs,
-                          info_vs_warning_pct=(costs[2] + costs[3]) / 2,
-                          info_vs_warning_pct_of_means=100 * (1 - mean["INFO"] / mean["WARNING"]))
+    for key, name, requests in (("W1", "W1", w1), ("W5", "W5", w5), ("HF", "W1-HF-engine", w1_hf)):
+        if key in wanted:
+            res[name] = engine_rate(llm, requests(), timed_runs)
+            print(name, res[name], flush=True)
+    if "LOG" in wanted:
+        res["LOG"] = log_level_cost(llm)
         print("LOG", res["LOG"], flush=True)
     if "W2" in wanted:
-        rng = random.Random(1)
-        prompt = [[rng.randint(0, 10000) for _ in range(512)]]
-        one = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
-        timed_generate(llm, prompt, one)
-        _, outs = timed_generate(llm, [[t + 1 for t in prompt[0]]], one)
-        o = outs[0]
-        res["W2"] = dict(ms_per_token=1e3 * (o["latency_s"] - o["ttft_s"]) / (len(o["token_ids"]) - 1),
-                         ttft_ms=1e3 * o["ttft_s"])
+        res["W2"] = single_stream(llm)
         print("W2", res["W2"], flush=True)
     if "W3" in wanted:
-        rng = random.Random(2)
-        prefix = [rng.randint(0, 10000) for _ in range(900)]
-        w3 = [prefix + [rng.randint(0, 10000) for _ in range(100)] for _ in range(256)]
-        p3 = SamplingParams(temperature=0.6, max_tokens=64, ignore_eos=True)
-        res["W3"] = {}
-        for caching in (True, False):  # a warm-up run, then 3 timed runs, each with its own shared prefix
-            if not caching:
-                free(llm)
-                llm = LLM(path, **engine_args, enable_prefix_caching=False)
-            runs = [timed_generate(llm, fresh(w3, run), p3) for run in range(4)][1:]
-            walls = sorted(wall for wall, _ in runs)
-            res["W3"]["on" if caching else "off"] = dict(
-                wall_s=walls[1], runs_wall_s=walls, tok_per_s=256 * 64 / walls[1],
-                cached_tokens=sum(o["num_cached_tokens"] for o in runs[0][1]))
+        res["W3"] = {"on": prefix_heavy(llm)}
+        free(llm)
+        llm = LLM(path, max_model_len=4096, enable_prefix_caching=False)
+        res["W3"]["off"] = prefix_heavy(llm)
         res["W3"]["speedup"] = res["W3"]["on"]["tok_per_s"] / res["W3"]["off"]["tok_per_s"]
         print("W3", res["W3"], flush=True)
     res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     free(llm)
-    if "W1" in res and "W1-HF" in res:
-        res["W1_vs_HF"] = res["W1"]["tok_per_s"] / res["W1-HF"]["tok_per_s"]
+    if "W6" in wanted:
+        llm = LLM(path, max_model_len=W6_MAX_MODEL_LEN)
+        timed_generate(llm, fresh(w6()[28:40], 90))  # warm-up: long-prompt chunks and mixed steps
+        res["W6"] = w6_with_latency(llm)
+        print("W6", res["W6"], flush=True)
+        free(llm)
+
+
+def log_level_cost(llm: LLM) -> dict:
+    """W1 at INFO vs WARNING in back-to-back pairs of alternating order (drift and order cancel)."""
+    pairs = []
+    for i in range(6):
+        rate = {}
+        for j, level in enumerate((("INFO", "WARNING"), ("WARNING", "INFO"))[i % 2]):
+            configure(level)
+            wall, outs = timed_generate(llm, fresh(w1(), 10 + 2 * i + j))
+            rate[level] = sum(len(o["token_ids"]) for o in outs) / wall
+        pairs.append(rate)
+    configure("WARNING")
+    costs = sorted(100 * (1 - p["INFO"] / p["WARNING"]) for p in pairs)
+    return dict(pairs_tok_per_s=pairs, info_cost_pct_per_pair=costs, info_vs_warning_pct=(costs[2] + costs[3]) / 2)
+
+
+def single_stream(llm: LLM) -> dict:
+    import random
+    rng = random.Random(1)
+    prompt = [rng.randint(0, 10000) for _ in range(512)]
+    one = dict(temperature=0.0, max_tokens=256, ignore_eos=True)
+    timed_generate(llm, [(prompt, one)])
+    _, outs = timed_generate(llm, [([t + 1 for t in prompt], one)])
+    o = outs[0]
+    return dict(ms_per_token=1e3 * (o["latency_s"] - o["ttft_s"]) / (len(o["token_ids"]) - 1), ttft_ms=1e3 * o["ttft_s"])
+
+
+def prefix_heavy(llm: LLM) -> dict:
+    """256 prompts of one 900-token shared prefix + 100 own tokens: a warm-up, then the median of 3 runs."""
+    import random
+    rng = random.Random(2)
+    prefix = [rng.randint(0, 10000) for _ in range(900)]
+    p3 = dict(temperature=0.6, max_tokens=64, ignore_eos=True)
+    w3 = [(prefix + [rng.randint(0, 10000) for _ in range(100)], p3) for _ in range(256)]
+    runs = [timed_generate(llm, fresh(w3, run)) for run in range(4)][1:]
+    walls = sorted(wall for wall, _ in runs)
+    return dict(wall_s=walls[1], runs_wall_s=walls, tok_per_s=256 * 64 / walls[1],
+                cached_tokens=sum(o["num_cached_tokens"] for o in runs[0][1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/bench.json")
+    ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-random")
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS)
+    ap.add_argument("--baseline", choices=["vllm"], default=None, help="also run W1, W5, W6 through vLLM")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs of W1, W5 and W1-HF (the median is reported)")
+    args = ap.parse_args()
+    wanted = args.workloads.split(",")
+    configure("WARNING")
+    path = build_checkpoint(args.model_dir)
+    res: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                     date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if "HF" in wanted:
+        res["W1-HF"] = run_hf(path, w1_hf())
+        print("W1-HF", res["W1-HF"], flush=True)
+    run_engine_workloads(path, wanted, res, args.runs)
+    if "JOB" in wanted:
+        res["W5-job"] = run_w5_job(path)
+        print("W5-job", res["W5-job"], flush=True)
+    if args.baseline == "vllm":
+        res["vllm"] = run_vllm(path, [w for w in ("W1", "W5", "W6") if w in wanted])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
@@ -171,30 +268,36 @@ def main() -> None:
 
 
 def print_table(res: dict) -> None:
-    rows = [("device", res["device"])]
-    if "W1" in res:
-        rows.append(("W1 throughput (tok/s, median of 3)", f"{res['W1']['tok_per_s']:.0f} "
-                     f"(runs: {', '.join(f'{r:.0f}' for r in res['W1']['runs_tok_per_s'])})"))
-    if "W1-HF" in res:
-        rows.append(("W1-HF throughput (tok/s)", f"{res['W1-HF']['tok_per_s']:.0f}"))
-    if "W1_vs_HF" in res:
-        rows.append(("W1 / W1-HF", f"{res['W1_vs_HF']:.1f}x"))
+    vllm = res.get("vllm", {})
+    print(f"\n{res['device']}, {res['date']}\n\n| workload | this engine | vLLM | ratio |\n|---|---|---|---|")
+    for name in ("W1", "W5", "W6"):
+        if name in res:
+            ours = res[name]["tok_per_s"]
+            theirs = vllm.get(name, {}).get("tok_per_s")
+            print(f"| {name} tok/s | {ours:.0f} | {f'{theirs:.0f}' if theirs else '-'} | "
+                  f"{f'{ours / theirs:.2f}x' if theirs else '-'} |")
+    if "W6" in res:
+        print(f"| W6 short rows ITL p50 / p99 (ms) | {res['W6']['short_itl_p50_ms']:.1f} / "
+              f"{res['W6']['short_itl_p99_ms']:.1f} ({res['W6']['p99_over_p50']:.2f}x) | - | - |")
+    if "W1-HF" in res and "W1-HF-engine" in res:
+        ours, hf = res["W1-HF-engine"]["tok_per_s"], res["W1-HF"]["tok_per_s"]
+        print(f"| W1-HF tok/s (32 prompts x 256 tokens; HF generate_batch) | {ours:.0f} | HF {hf:.0f} | "
+              f"{ours / hf:.1f}x |")
+    if "W5-job" in res:
+        j = res["W5-job"]
+        print(f"| W5-job tok/s end to end / steps | {j['tok_per_s_end_to_end']:.0f} / {j['tok_per_s_steps']:.0f} "
+              f"(first result {j['first_result_s']:.1f} s) | - | - |")
     if "W2" in res:
-        rows.append(("W2 decode latency (ms/token)", f"{res['W2']['ms_per_token']:.2f}"))
+        print(f"| W2 decode latency (ms/token) | {res['W2']['ms_per_token']:.2f} | - | - |")
     if "W3" in res:
-        rows.append(("W3 caching on / off (tok/s)", f"{res['W3']['on']['tok_per_s']:.0f} / "
-                     f"{res['W3']['off']['tok_per_s']:.0f} = {res['W3']['speedup']:.2f}x"))
+        print(f"| W3 caching on / off (tok/s) | {res['W3']['on']['tok_per_s']:.0f} / {res['W3']['off']['tok_per_s']:.0f}"
+              f" = {res['W3']['speedup']:.2f}x | - | - |")
     if "W4" in res:
-        rows.append(("W4 startup (s)", f"{res['W4']['startup_s']:.1f}"))
-        rows.append(("W4 KV cache", f"{res['W4']['kv_blocks']} blocks x {res['W4']['kv_block_size']} tokens "
-                     f"= {res['W4']['kv_cache_gb']:.1f} GB"))
+        startup = vllm.get("vllm_startup_s")
+        print(f"| W4 startup (s) | {res['W4']['startup_s']:.1f} | {f'{startup:.0f}' if startup else '-'} | - |")
     if "LOG" in res:
-        rows.append(("INFO vs WARNING throughput cost", f"{res['LOG']['info_vs_warning_pct']:.2f}%"))
-    rows.append(("peak GPU memory (GB)", f"{res['peak_gpu_memory_gb']:.1f}"))
-    width = max(len(k) for k, _ in rows)
-    print("\n| metric | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k.ljust(width)} | {v} |")
+        print(f"| INFO vs WARNING cost | {res['LOG']['info_vs_warning_pct']:.2f}% | - | - |")
+    print(f"| peak GPU memory (GB) | {res['peak_gpu_memory_gb']:.1f} | - | - |")
 
 
 if __name__ == "__main__":
