@@ -1,0 +1,33 @@
+"""The benchmark workloads are fixed data: the same work in every run and for every engine compared."""
+from benchmarks.workloads import TOKEN_RANGE, W6_MAX_MODEL_LEN, fresh, w1, w1_hf, w5, w6
+
+
+def test_w1_is_nano_vllms_benchmark():
+    requests = w1()
+    assert len(requests) == 256 and sum(kw["max_tokens"] for _, kw in requests) == 133966
+    assert all(100 <= len(p) <= 1024 and max(p) <= TOKEN_RANGE and kw["ignore_eos"] for p, kw in requests)
+    assert w1() == requests
+
+
+def test_w1_hf_is_equal_work_for_both_engines():
+    hf = w1_hf()
+    assert [p for p, _ in hf] == [p for p, _ in w1()[:32]]
+    assert all(kw == dict(temperature=0.6, max_tokens=256, ignore_eos=True) for _, kw in hf)
+
+
+def test_w5_and_w6_shapes():
+    rows = w5()
+    assert len(rows) == 2048 and not any(kw["ignore_eos"] for _, kw in rows)
+    assert all(100 <= len(p) <= 1024 and 100 <= kw["max_tokens"] <= 1024 for p, kw in rows)
+    mixed = w6()
+    long = [p for p, _ in mixed if len(p) > 1024]
+    assert len(long) == 32 and len(mixed) == 544
+    assert all(16384 <= len(p) and len(p) + 256 <= W6_MAX_MODEL_LEN for p in long)
+
+
+def test_fresh_keeps_lengths_and_settings_but_not_ids():
+    requests = w1()[:8]
+    again = fresh(requests, 1)
+    assert [len(p) for p, _ in again] == [len(p) for p, _ in requests]
+    assert [kw for _, kw in again] == [kw for _, kw in requests]
+    assert all(a != b for (a, _), (b, _) in zip(again, requests))
