@@ -1,25 +1,28 @@
-"""The dispatch loop: start engine actors, hand out work dynamically, write shards, survive faults.
+"""The dispatch loop: start engine actors, keep each one supplied, write shards, survive faults, stop cleanly.
 
-Dispatch is dynamic: the least-loaded actor gets the next piece of work, so a slow actor never holds the
-others back, and each actor holds up to ``MAX_SHARDS_IN_FLIGHT`` pieces, so its engine starts the next one
-while the current one drains. A piece is a whole shard or, after repeated failures, part of one:
+Dispatch is driven by each actor's load: the driver keeps about ``target_rows`` rows outstanding at every
+actor (sent and not yet finished there: a full running batch plus as many waiting, see
+:data:`pipeline.actor.FEED_FACTOR`), handing the next piece of work to the least-loaded actor that is below
+its target. When every actor is at its target, the driver waits on ``wait_for_capacity``, which an actor
+answers as soon as enough of its rows have finished; so an actor's engine always has rows to admit as others
+finish, whatever the shard boundaries, and a slow actor simply receives less. A piece is a whole shard or,
+after repeated failures, part of one:
 
-* an actor that dies (killed, OOM, GPU error) or raises while running a piece is replaced (the engine's
-  state after a failed ``generate`` is unknown), and the piece is retried on another actor. One failure
+* an actor that dies (killed, OOM, GPU error, lost node) or raises while running a piece is replaced (the
+  engine's state after a failed step is unknown), and its pieces are retried on other actors. One failure
   costs one piece one attempt: the piece that raised or, when the process died with several pieces in it,
-  the newest (it joined an engine that ran the older one fine); the others go back uncharged. Every piece
+  the newest (it joined an engine that ran the older ones fine); the others go back uncharged. Every piece
   that was on a failed actor then runs alone, so its next failure is its own;
 * after ``1 + --max-shard-retries`` failed attempts a shard is split in halves, and halves are split
   again on failure, until the row that breaks it is alone; that row then gets an error after the same
   number of attempts, and every other row completes;
 * a shard is written (atomically) as soon as all its rows are back, and only then counted as done;
-* Ctrl-C / SIGTERM stop the loop; actors are shut down and what is written stays.
+* Ctrl-C / SIGTERM (:mod:`pipeline.signals`) end the loop at its next turn; ``stats.json`` is written with
+  ``"status": "interrupted"``, the command that resumes is printed, and the actors are stopped.
 """
 import logging
 import math
-import signal
 import sys
-import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,26 +32,19 @@ import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from pipeline.actor import MAX_SHARDS_IN_FLIGHT, ShardResult
+from pipeline.actor import ShardResult
 from pipeline.config import JobConfig
 from pipeline.errors import JobFailed, root_cause
 from pipeline.inputs import InputSource
 from pipeline.output import OutputDir
 from pipeline.progress import Progress
 from pipeline.rows import OUTPUT_SCHEMA, error_result_table
+from pipeline.signals import StopRequest
 from pipeline.stats import JobStats, result_totals
 
 log = logging.getLogger("pipeline")
-WAIT_TICK_S = 1.0           # ray.wait timeout: how often progress and signals are looked at
-SHUTDOWN_GRACE_S = 10.0
-
-
-class Interrupted(Exception):
-    """SIGTERM (Ctrl-C raises KeyboardInterrupt): stop dispatching, keep what is written, say how to resume."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
+WAIT_TICK_S = 0.2           # ray.wait timeout: how often progress and stop requests are looked at
+SHUTDOWN_GRACE_S = 5.0      # for the actors' own shutdown before they are killed
 
 
 # ----- work units ---------------------------------------------------------------------------------------------------
@@ -92,14 +88,37 @@ class PendingShard:
 
 @dataclass(eq=False)
 class LiveActor:
+    """A started actor and the driver's view of its load."""
     actor_id: str
     handle: Any
+    target_rows: int = 0                                    # rows to keep outstanding here (from ready())
     pieces: dict[Any, Piece] = field(default_factory=dict)  # run_shard ref -> piece, in dispatch order
+    rows_sent: int = 0
+    rows_finished: int = 0                                  # as the actor last reported
+    capacity_ref: Any = None                                # a wait_for_capacity call in flight
+
+    @property
+    def outstanding(self) -> int:
+        return self.rows_sent - self.rows_finished
 
     def can_take(self, piece: Piece) -> bool:
         if piece.alone:
             return not self.pieces
-        return len(self.pieces) < MAX_SHARDS_IN_FLIGHT and not any(p.alone for p in self.pieces.values())
+        return self.outstanding < self.target_rows and not any(p.alone for p in self.pieces.values())
+
+    def send(self, piece: Piece):
+        ref = self.handle.run_shard.remote(piece.shard_id, piece.ref())
+        self.pieces[ref] = piece
+        self.rows_sent += piece.num_rows
+        return ref
+
+    def wait_for_capacity(self):
+        """Ask to hear back once this actor is below its target again (it has finished enough rows)."""
+        self.capacity_ref = self.handle.wait_for_capacity.remote(self.rows_sent - self.target_rows + 1)
+        return self.capacity_ref
+
+    def note_finished(self, rows_finished: int) -> None:
+        self.rows_finished = max(self.rows_finished, rows_finished)
 
 
 @dataclass(frozen=True)
@@ -114,31 +133,29 @@ class ActorPlan:
 
 
 class JobRunner:
-    """The dispatch loop and its bookkeeping for one run of a job.
+    """The dispatch loop and its bookkeeping for one run of a job: :meth:`start_actors` (they load their engines
+    while the driver finishes planning), :meth:`run`, and :meth:`stop_actors` (always)."""
 
-    ``done`` are the shards already written (by an earlier run): they are read past, not run.
-    ``actor_columns`` are the input columns the actors need (prompt and per-row overrides).
-    """
-
-    def __init__(self, config: JobConfig, source: InputSource, out: OutputDir, done: set[int], num_shards: int,
-                 actors: ActorPlan, actor_columns: list[str], stats: JobStats, resume_hint: str):
-        self.config, self.source, self.out = config, source, out
-        self.done, self.num_shards = set(done), num_shards
+    def __init__(self, config: JobConfig, source: InputSource, out: OutputDir, num_shards: int, actors: ActorPlan,
+                 actor_columns: list[str], stats: JobStats, resume_hint: str, stop: StopRequest):
+        self.config, self.source, self.out, self.num_shards = config, source, out, num_shards
         self.actor_args, self.num_actors, self.actor_columns = actors.args, actors.count, actor_columns
         self.remote_cls = ray.remote(actors.cls).options(num_cpus=1, num_gpus=actors.gpus, max_restarts=0,
-                                                          max_concurrency=MAX_SHARDS_IN_FLIGHT,
                                                           runtime_env={"env_vars": actors.env_vars})
         self.output_schema = pa.schema(list(source.schema) + list(OUTPUT_SCHEMA))
-        self.stats = stats
-        self.stats.shards_skipped = len(done)
-        self.resume_hint = resume_hint
-        self.shard_iter: Iterator[tuple[int, pa.Table]] = source.shards(config.shard_size)
+        self.stats, self.resume_hint, self.stop = stats, resume_hint, stop
+        self.status, self.error = "starting", None
+        self.summary: dict[str, Any] = {}           # what stats.json says, once written
+        self.done: set[int] = set()
+        self.shard_iter: Iterator[tuple[int, pa.Table]] = iter(())
         self.input_exhausted = False
+        self.progress: Progress | None = None
         self.queue: deque[Piece] = deque()          # waiting for an actor: retries and split halves, then new shards
         self.pending: dict[int, PendingShard] = {}
         self.starting: dict[Any, LiveActor] = {}    # ready() ref -> actor
         self.actors: list[LiveActor] = []            # started and not failed
         self.running: dict[Any, LiveActor] = {}     # run_shard ref -> the actor running it
+        self.capacity: dict[Any, LiveActor] = {}    # wait_for_capacity ref -> its actor
         self.next_actor = 0
         self.ever_ready = False
         self.start_failures = 0
@@ -147,56 +164,71 @@ class JobRunner:
         # a row; many more than that, on every actor, means the actors themselves are broken.
         attempts = config.max_shard_retries + 1
         self.max_consecutive_failures = self.num_actors * (2 * attempts + math.ceil(math.log2(config.shard_size)) + 2)
-        done_rows = sum(min(config.shard_size, source.num_rows - s * config.shard_size) for s in done)
-        self.progress = Progress(source.num_rows, done_rows, config.progress_interval_s)
 
     # ----- main loop ---------------------------------------------------------------------------------------------
-    def run(self) -> tuple[str, int, dict[str, Any]]:
-        """Run to the end; return (status, exit code, stats). Raises JobFailed (with how to resume)."""
-        status, exit_code, error = "completed", 0, None
-        restore = self._install_signal_handlers()
-        try:
+    def start_actors(self) -> None:
+        if not self.stop.requested:
             for _ in range(self.num_actors):
                 self._start_actor()
-            while not self._finished():
+
+    def run(self, done: set[int]) -> None:
+        """Run until every shard is written, a stop is requested or the job fails; then write ``stats.json`` and,
+        unless completed, say how to resume (raising :class:`JobFailed` for a failure)."""
+        self.done = set(done)
+        self.stats.shards_skipped = len(done)
+        self.shard_iter = self.source.shards(self.config.shard_size)
+        done_rows = sum(min(self.config.shard_size, self.source.num_rows - s * self.config.shard_size) for s in done)
+        self.progress = Progress(self.source.num_rows, done_rows, self.config.progress_interval_s)
+        try:
+            while not self._finished() and not self.stop.requested:
                 self._dispatch()
                 self._wait_and_handle()
                 self.progress.tick()
-        except (Interrupted, KeyboardInterrupt) as e:
-            signum = e.exit_code - 128 if isinstance(e, Interrupted) else signal.SIGINT
-            status, exit_code = "interrupted", 128 + signum
-            log.warning("%s: stopping; finished shards stay in %s", signal.Signals(signum).name, self.out.results)
+            self.status = "interrupted" if self.stop.requested else "completed"
         except JobFailed as e:
-            status, exit_code, error = "failed", e.exit_code, e
+            self.status, self.error = "failed", e
         finally:
-            restore()
             self.progress.close()
-            self._stop_actors()
-        stats = self._write_stats(status)
-        if status != "completed":
-            written = len(self.out.finished_shards())
-            hint = (f"{written} of {self.num_shards} shards are written in {self.out.results}; "
-                    f"resume with: {self.resume_hint}")
-            if error is not None:
-                raise JobFailed(f"{error} ({hint})") from error
-            # One write, newline included: Ray's log forwarding thread writes to the same stream.
-            sys.stderr.write(f"Interrupted: {hint}\n")
-            sys.stderr.flush()
-        return status, exit_code, stats
+        if self.status == "interrupted":
+            log.warning("%s: stopping; finished shards stay in %s", self.stop.name, self.out.results)
+        self.finish()
+
+    def finish(self) -> None:
+        """Write ``stats.json`` for the current status; unless completed, print how to resume (or raise it)."""
+        self.summary = self._write_stats()
+        if self.status == "completed":
+            return
+        written = len(self.out.finished_shards())
+        hint = f"{written} of {self.num_shards} shards are written in {self.out.results}; resume with: {self.resume_hint}"
+        if self.error is not None:
+            raise JobFailed(f"{self.error} ({hint})") from self.error
+        # One write, newline included: Ray's log forwarding thread writes to the same stream.
+        sys.stderr.write(f"Interrupted: {hint}\n")
+        sys.stderr.flush()
+
+    def finish_late_stop(self) -> None:
+        """A stop requested after a completed run wrote its stats (while the actors or Ray shut down) still
+        ends the job as interrupted: exit status 130/143, ``stats.json`` and the resume hint say so."""
+        if self.status == "completed" and self.stop.requested:
+            self.status = "interrupted"
+            self.finish()
 
     def _finished(self) -> bool:
         return self.input_exhausted and not self.queue and not self.running and not self.pending
 
     def _dispatch(self) -> None:
-        """Hand out pieces in queue order, each to the least-loaded actor that can take it."""
+        """Hand out pieces in queue order, each to the least-loaded actor that can take it; when work is left and
+        actors are at their target, ask them to say when they have room."""
         while (piece := self._next_piece()) is not None:
-            actor = min((a for a in self.actors if a.can_take(piece)), key=lambda a: len(a.pieces), default=None)
+            actor = min((a for a in self.actors if a.can_take(piece)), key=lambda a: a.outstanding, default=None)
             if actor is None:
                 break
             self.queue.popleft()
-            ref = actor.handle.run_shard.remote(piece.shard_id, piece.ref())
-            actor.pieces[ref] = piece
-            self.running[ref] = actor
+            self.running[actor.send(piece)] = actor
+        if self.queue:
+            for actor in self.actors:
+                if actor.capacity_ref is None and actor.outstanding >= actor.target_rows:
+                    self.capacity[actor.wait_for_capacity()] = actor
         if not self.running and not self.starting and not self._finished():
             raise JobFailed("no engine actor is left to run the remaining shards")
 
@@ -214,13 +246,15 @@ class JobRunner:
         return None
 
     def _wait_and_handle(self) -> None:
-        waiting = [*self.starting, *self.running]
+        waiting = [*self.starting, *self.running, *self.capacity]
         if not waiting:  # the last piece just came back
             return
         ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_TICK_S)
         for ref in ready:
             if ref in self.starting:
                 self._on_actor_started(ref, self.starting.pop(ref))
+            elif ref in self.capacity:
+                self._on_capacity(ref, self.capacity.pop(ref))
             else:
                 self._on_piece_returned(ref, self.running.pop(ref))
 
@@ -237,27 +271,36 @@ class JobRunner:
         try:
             info = ray.get(ref)
         except RayError as e:
-            stats.status = "failed to start"
+            stats.status, stats.error = "failed to start", root_cause(e)
             self.start_failures += 1
-            reason = root_cause(e)
             if not self.ever_ready and not self.starting:
-                raise JobFailed(f"engine actor {actor.actor_id} failed to start: {reason}") from e
-            log.warning("%s failed to start: %s", actor.actor_id, reason)
+                raise JobFailed(f"engine actor {actor.actor_id} failed to start: {stats.error}") from e
+            log.warning("%s failed to start: %s", actor.actor_id, stats.error)
             self._top_up()
             return
         self.ever_ready = True
+        actor.target_rows = info["target_rows"]
         stats.status, stats.pid, stats.node_id, stats.load_time_s = "running", info["pid"], info["node_id"], \
             info["load_time_s"]
         log.info("%s ready (pid %d, engine loaded in %.1fs)", actor.actor_id, info["pid"], info["load_time_s"])
         self.actors.append(actor)
         self._top_up()
 
-    def _replace_actor(self, actor: LiveActor, why: str) -> None:
+    def _on_capacity(self, ref, actor: LiveActor) -> None:
+        actor.capacity_ref = None
+        try:
+            actor.note_finished(ray.get(ref))
+        except RayError:
+            pass  # the actor failed: its run_shard calls report it
+
+    def _replace_actor(self, actor: LiveActor, why: str, reason: str) -> None:
         """Kill ``actor`` (if it still runs) and start a replacement."""
         self.actors.remove(actor)
-        self.stats.actor(actor.actor_id).status = "died"
+        self.capacity.pop(actor.capacity_ref, None)
+        stats = self.stats.actor(actor.actor_id)
+        stats.status, stats.error = "died", reason
         ray.kill(actor.handle, no_restart=True)
-        log.warning("%s %s", actor.actor_id, why)
+        log.warning("%s %s: %s", actor.actor_id, why, reason)
         self._top_up()
 
     def _top_up(self) -> None:
@@ -265,7 +308,7 @@ class JobRunner:
 
         Only once some actor has loaded the engine (so a start can succeed), and only while start failures
         stay below ``num_actors`` (a model that cannot load fails the job instead of retrying forever).
-        Replacements wait in Ray's queue until resources (GPUs) are free.
+        Replacements wait in Ray's queue until resources (GPUs, a node) are free.
         """
         live = len(self.actors) + len(self.starting)
         while (self.ever_ready and live < self.num_actors and self.start_failures < self.num_actors
@@ -275,11 +318,11 @@ class JobRunner:
             log.warning("started actor-%d as a replacement", self.next_actor - 1)
             live += 1
 
-    def _stop_actors(self) -> None:
+    def stop_actors(self) -> None:
+        """Shut every actor down (briefly waiting for the engines to release their devices), then kill them."""
         actors = list(self.actors)
-        refs = [a.handle.shutdown.remote() for a in actors]
         try:
-            ray.get(refs, timeout=SHUTDOWN_GRACE_S)
+            ray.get([a.handle.shutdown.remote() for a in actors], timeout=SHUTDOWN_GRACE_S)
         except (RayError, GetTimeoutError):
             pass  # best effort: the actor is killed below either way
         for actor in [*actors, *self.starting.values()]:
@@ -287,11 +330,12 @@ class JobRunner:
                 ray.kill(actor.handle, no_restart=True)
             except RayError as e:
                 log.warning("could not kill %s: %s", actor.actor_id, root_cause(e))
-            if self.stats.actor(actor.actor_id).status == "running":
+            if self.stats.actor(actor.actor_id).status in ("running", "starting"):
                 self.stats.actor(actor.actor_id).status = "stopped"
         self.actors.clear()
         self.running.clear()
         self.starting.clear()
+        self.capacity.clear()
 
     # ----- pieces ------------------------------------------------------------------------------------------------
     def _on_piece_returned(self, ref, actor: LiveActor) -> None:
@@ -301,6 +345,7 @@ class JobRunner:
             self._on_actor_failed(actor, ref, e)
             return
         piece = actor.pieces.pop(ref)
+        actor.note_finished(result.rows_finished)
         self.consecutive_failures = 0
         self.stats.actor(actor.actor_id).add(result.stats)
         self._piece_done(piece, result.results, result.steps, result.stats["generated_tokens"])
@@ -318,7 +363,7 @@ class JobRunner:
         for other in actor.pieces:
             self.running.pop(other, None)
         actor.pieces.clear()
-        self._replace_actor(actor, why)
+        self._replace_actor(actor, why, root_cause(error))
         for piece in reversed(pieces):
             piece.alone = True
             if piece is not culprit:
@@ -371,10 +416,10 @@ class JobRunner:
         self.progress.advance(table.num_rows, shard.generated_tokens)
 
     # ----- end of run ----------------------------------------------------------------------------------------------
-    def _write_stats(self, status: str) -> dict[str, Any]:
+    def _write_stats(self) -> dict[str, Any]:
         try:
             self.out.merge_steps()
-            summary = self.stats.summary(status, result_totals(self.out.part_paths()), self.source.num_rows,
+            summary = self.stats.summary(self.status, result_totals(self.out.part_paths()), self.source.num_rows,
                                          self.num_shards, self.config.to_dict())
             self.out.write_json(self.out.stats_path, summary)
             self.out.close()
@@ -382,15 +427,3 @@ class JobRunner:
             log.error("%s", e)
             return {}
         return summary
-
-    @staticmethod
-    def _install_signal_handlers():
-        """SIGTERM raises :class:`Interrupted` (SIGINT already raises KeyboardInterrupt); returns an undo."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_signal(signum, _frame):
-            raise Interrupted(signum)
-
-        previous = signal.signal(signal.SIGTERM, on_signal)
-        return lambda: signal.signal(signal.SIGTERM, previous)

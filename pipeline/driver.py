@@ -1,8 +1,11 @@
-"""The driver: check everything that can be checked before Ray starts, plan the job, then run it.
+"""The driver: check everything that can be checked before Ray starts, start Ray and the actors, run the job.
 
-Order matters for the user: flags (pipeline.config), output directory, model, input and its columns are
-all checked first, so a mistake costs one line and no actor. Only then is Ray joined and the dispatch
-loop (:mod:`pipeline.dispatch`) started.
+Order matters for the user. Flags (pipeline.config), the output directory, the model, the input and its
+columns are checked first, so a mistake costs one line and nothing is started. The model is resolved
+exactly as the actors will resolve it (a model that cannot be found or fetched fails here, in one line),
+while the input is opened. Then Ray starts (or is joined) and the actors start loading their engines while
+the input is fingerprinted and the manifest checked; then the dispatch loop (:mod:`pipeline.dispatch`) runs,
+and Ray is left as it was found.
 """
 import logging
 import math
@@ -10,7 +13,11 @@ import os
 import re
 import shlex
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +27,12 @@ import ray
 from pipeline.actor import EngineActor
 from pipeline.config import JobConfig
 from pipeline.dispatch import ActorPlan, JobRunner
-from pipeline.errors import JobFailed, UsageError, root_cause
-from pipeline.inputs import is_hub_id, open_input, resolve_prompt_column
+from pipeline.errors import JobFailed, UsageError, one_line, root_cause
+from pipeline.inputs import InputSource, open_input, resolve_prompt_column
 from pipeline.output import OutputDir, make_manifest
-from pipeline.rows import OVERRIDE_COLUMNS, RowSpec
+from pipeline.rows import OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN, RowSpec
 from pipeline.sample import sample_prompts
+from pipeline.signals import StopRequest
 from pipeline.stats import JobStats
 
 log = logging.getLogger("pipeline")
@@ -40,15 +48,51 @@ class JobReport:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def run_job(config: JobConfig, actor_cls: type = EngineActor) -> JobReport:
+@dataclass
+class JobPlan:
+    """What planning found, before anything is written or started."""
+    out: OutputDir
+    source: InputSource
+    prompt_column: str
+    job_id: str                 # the job already in --output keeps its id (metrics, stats)
+    num_shards: int
+    shards_left: int            # not written yet (by the part files present; the manifest is checked later)
+
+
+def run_job(config: JobConfig, actor_cls: type = EngineActor, stop: StopRequest | None = None) -> JobReport:
     """Plan, run and report a job. Raises :class:`~pipeline.errors.PipelineError` subclasses for the user.
 
-    ``actor_cls`` is :class:`EngineActor` or a subclass (tests inject faults through one).
+    ``actor_cls`` is :class:`EngineActor` or a subclass (tests inject faults through one). ``stop`` receives
+    Ctrl-C and SIGTERM (the command line installs it first thing); by default the job installs its own.
     """
     started = time.monotonic()
+    with nullcontext(stop) if stop is not None else StopRequest() as stop:
+        model = in_background(check_model, config.model)  # while the input is opened and checked
+        plan = plan_job(config)
+        if plan.shards_left == 0 and plan.out.manifest_path.exists():
+            prepare_output(config, plan)  # a finished job: the input must still be the same one
+            log.info("all %d shards are already written in %s; nothing to do (--overwrite recomputes)",
+                     plan.num_shards, plan.out.results)
+            return JobReport("nothing to do", 0, plan.out.root)
+        model.result()
+        fingerprint = in_background(fingerprint_input, plan.source)  # while Ray and the actors start
+        with ray_session(config.address):
+            runner = make_runner(config, plan, actor_cls, stop, started)
+            try:
+                runner.start_actors()     # they load their engines while the input is fingerprinted
+                fingerprint.result()
+                runner.run(prepare_output(config, plan))
+            finally:
+                runner.stop_actors()
+        runner.finish_late_stop()
+    exit_code = stop.exit_code if runner.status == "interrupted" else 0
+    return JobReport(runner.status, exit_code, plan.out.root, runner.summary)
+
+
+def plan_job(config: JobConfig) -> JobPlan:
+    """The checks that need no Ray: output directory, input, columns; writes only the sample input."""
     out = OutputDir(config.output)
     out.check(config.resume, config.overwrite)
-    check_model(config.model)
     if config.input is None and not out.sample_path.exists():
         out.write_parquet(out.sample_path, sample_prompts())
     source = open_input(config.input or str(out.sample_path), config.split)
@@ -56,48 +100,66 @@ def run_job(config: JobConfig, actor_cls: type = EngineActor) -> JobReport:
         raise UsageError(f"input {source.location} has no rows")
     prompt_column = resolve_prompt_column(source.schema, config.prompt_column)
     num_shards = math.ceil(source.num_rows / config.shard_size)
-    manifest, done = out.prepare(
-        make_manifest(config.job_id, source.identity(), config.shard_size, num_shards, config.result_settings()),
-        config.overwrite)
-    job_id = manifest["job_id"]
-    log.info("job %s: %s (%s, %d rows) -> %s, %d shards of %d rows, %d already written", job_id, source.location,
-             source.format, source.num_rows, out.root, num_shards, config.shard_size, len(done))
-    if len(done) == num_shards:
-        log.info("all %d shards are already written in %s; nothing to do (--overwrite recomputes)", num_shards,
-                 out.results)
-        return JobReport("nothing to do", 0, out.root)
+    previous = out.previous_manifest(config.overwrite)
+    written = set() if config.overwrite else out.finished_shards()
+    plan = JobPlan(out, source, prompt_column, previous["job_id"] if previous else config.job_id, num_shards,
+                   num_shards - len(written & set(range(num_shards))))
+    log.info("job %s: %s (%s, %d rows) -> %s, %d shards of %d rows, %d already written", plan.job_id,
+             source.location, source.format, source.num_rows, out.root, num_shards, config.shard_size,
+             num_shards - plan.shards_left)
+    return plan
 
-    connect_ray(config.address)
-    device, num_actors, gpus = resolve_resources(config, num_shards - len(done))
-    row_spec = RowSpec(prompt_column, config.max_tokens, config.temperature, config.top_p)
-    actors = ActorPlan(actor_cls, (job_id, config.engine_kwargs(device), row_spec, config.log_level), num_actors,
-                       gpus, env_vars={"NANOVLLM_LOG_LEVEL": config.log_level})  # read by the engine at import
-    stats = JobStats(job_id, started, resources=dict(device=device, num_actors=num_actors, gpus_per_actor=gpus))
-    runner = JobRunner(config, source, out, done, num_shards, actors,
-                       [prompt_column, *(c for c in OVERRIDE_COLUMNS if c in source.schema.names)], stats,
-                       resume_command(config))
-    status, exit_code, summary = runner.run()
-    return JobReport(status, exit_code, out.root, summary)
+
+def prepare_output(config: JobConfig, plan: JobPlan) -> set[int]:
+    """Write (or check) the manifest and return the shards already written."""
+    manifest = make_manifest(plan.job_id, plan.source.identity(), config.shard_size, plan.num_shards,
+                             config.result_settings())
+    _, done = plan.out.prepare(manifest, config.overwrite)
+    return done
+
+
+def make_runner(config: JobConfig, plan: JobPlan, actor_cls: type, stop: StopRequest, started: float) -> JobRunner:
+    device, num_actors, gpus = resolve_resources(config, plan.shards_left)
+    row_spec = RowSpec(plan.prompt_column, config.max_tokens, config.temperature, config.top_p)
+    actors = ActorPlan(actor_cls, (plan.job_id, config.engine_kwargs(device), row_spec, config.log_level),
+                       num_actors, gpus, env_vars={"NANOVLLM_LOG_LEVEL": config.log_level})  # read at engine import
+    stats = JobStats(plan.job_id, started, resources=dict(device=device, num_actors=num_actors, gpus_per_actor=gpus))
+    row_columns = [plan.prompt_column, *OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN]
+    return JobRunner(config, plan.source, plan.out, plan.num_shards, actors,
+                     [c for c in row_columns if c in plan.source.schema.names], stats, resume_command(config), stop)
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """Run ``fn(*args)`` in a daemon thread (a job that stops does not wait for it); its future has the result."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=f"driver-{fn.__name__}", daemon=True).start()
+    return future
 
 
 def check_model(model: str) -> None:
-    """Reject a model that is certainly missing (a path that does not exist), before any actor starts.
+    """Resolve ``model`` with the engine's own rule (``engine.loader.resolve_model_path``: a built-in demo, a local
+    HF directory, a .gguf file, or a Hugging Face hub id, fetched into the local cache), so that a model that
+    cannot be found or fetched stops the job in one line before any actor starts. A hub model is downloaded
+    here once; actors on this node then find it in the cache (other nodes fetch their own copy)."""
+    from engine.loader import resolve_model_path
+    try:
+        resolve_model_path(model)
+    except Exception as e:  # ValueError for a bad name or path; OSError, hub errors while fetching
+        raise UsageError(f"--model {model}: {one_line(e)}") from e
 
-    ``demo`` and existing directories pass; so does a name shaped like a hub id (``org/name``), which each
-    actor resolves itself; if that fails, the job stops with the actor's error.
-    """
-    if model == "demo":
-        return
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--model {model}: directory has no config.json (not a Hugging Face model)")
-        return
-    if path.exists():
-        raise UsageError(f"--model {model}: is a file; expected a model directory, hub id, or 'demo'")
-    if not is_hub_id(model):
-        raise UsageError(f"--model {model}: no such model directory (pass a local HF model directory, a hub id, "
-                         f"or 'demo')")
+
+def fingerprint_input(source: InputSource) -> str:
+    try:
+        return source.fingerprint
+    except OSError as e:
+        raise UsageError(f"cannot read input {source.location}: {e.strerror or e}") from e
 
 
 def resume_command(config: JobConfig) -> str:
@@ -113,15 +175,26 @@ def resume_command(config: JobConfig) -> str:
     return shlex.join(["python", "jobs/offline_batch.py", *args, "--output", config.output, "--resume"])
 
 
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Ray for the block: joined (or started) here and shut down at its end. A caller's own session (Ray
+    already initialised: an embedding program, tests) is left alone."""
+    if ray.is_initialized():
+        yield
+        return
+    connect_ray(address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def connect_ray(address: str | None) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else a local one (started if none is running).
 
     ``code_search_path`` puts the repo root on the workers' path so they import ``pipeline`` and ``engine``
     however the driver was started (under ``ray job submit --working-dir .`` the working dir does it too).
-    Does nothing when Ray is already initialised (a caller embedding the pipeline, or tests).
     """
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and re.fullmatch(r"[\w.-]+:\d+", address):  # a GCS host:port: Ray would retry it forever
         host, port = address.rsplit(":", 1)

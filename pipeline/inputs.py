@@ -8,6 +8,7 @@ shards in flight.
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ import pyarrow.dataset as pads
 import xxhash
 
 from pipeline.errors import JobFailed, UsageError, one_line
-from pipeline.rows import OUTPUT_SCHEMA, OVERRIDE_COLUMNS
+from pipeline.rows import OUTPUT_SCHEMA, OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN
 
 FILE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json",
                 ".csv": "csv", ".arrow": "ipc", ".feather": "ipc"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _READ_BATCH_ROWS = 8192
+HUB_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -31,8 +33,14 @@ class InputSource:
     format: str
     schema: pa.Schema
     num_rows: int
-    fingerprint: str
+    _fingerprint: Callable[[], str]
     _batches: Callable[[], Iterable[pa.RecordBatch]]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the input's content (reads every byte of a file input: the driver computes it while Ray
+        and the actors start)."""
+        return self._fingerprint()
 
     def identity(self) -> dict[str, Any]:
         """What the manifest records to recognise this input again (see :mod:`pipeline.output`)."""
@@ -106,11 +114,10 @@ def _open_files(location: str, path: Path) -> InputSource:
     try:
         dataset = pads.dataset([str(f) for f in files], format=fmt)
         num_rows = dataset.count_rows()
-        fingerprint = fingerprint_files(files, path)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise UsageError(f"cannot read {location} as {fmt}: {one_line(e)}") from e
     return InputSource(location=str(path.resolve()), format=fmt, schema=dataset.schema.remove_metadata(),
-                       num_rows=num_rows, fingerprint=fingerprint,
+                       num_rows=num_rows, _fingerprint=lambda: fingerprint_files(files, path),
                        _batches=lambda: dataset.to_batches(batch_size=_READ_BATCH_ROWS))
 
 
@@ -133,6 +140,8 @@ def _open_hf(location: str, split: str, saved: Path | None) -> InputSource:
     except ImportError as e:
         raise UsageError(f"reading {location} needs the 'datasets' package (pip install 'nanovllm-ray[datasets]')"
                          f"{'' if saved else '; or, if it is a local path, it does not exist'}") from e
+    if not saved:
+        check_hub_dataset(location)
     try:
         obj = datasets.load_from_disk(str(saved)) if saved else datasets.load_dataset(location, split=split)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError...)
@@ -143,22 +152,47 @@ def _open_hf(location: str, split: str, saved: Path | None) -> InputSource:
             raise UsageError(f"dataset {location} has no split {split!r} (splits: {', '.join(obj)}); pass --split")
         obj = obj[split]
     if saved:
-        fingerprint = fingerprint_files(sorted(p for p in saved.rglob("*") if p.is_file()), saved)
+        def fingerprint() -> str:
+            return fingerprint_files(sorted(p for p in saved.rglob("*") if p.is_file()), saved)
     else:
-        fingerprint = f"hf:{obj._fingerprint}"
+        def fingerprint() -> str:
+            return f"hf:{obj._fingerprint}"
     ds = obj.with_format("arrow")
     return InputSource(location=str(saved.resolve()) if saved else location, format="hf-datasets",
                        schema=obj.features.arrow_schema.remove_metadata(), num_rows=len(obj),
-                       fingerprint=fingerprint,
+                       _fingerprint=fingerprint,
                        _batches=lambda: (b for t in ds.iter(batch_size=_READ_BATCH_ROWS) for b in t.to_batches()))
 
 
+def check_hub_dataset(name: str) -> None:
+    """Fail at once, in one line, when the hub cannot serve dataset ``name``: ``datasets`` itself retries an
+    unreachable hub for about 25 s, logging every retry. In offline mode (``HF_HUB_OFFLINE=1``) the cache is
+    used, so there is nothing to check."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError as e:
+        raise UsageError(f"input {name}: the hub dataset is gated; accept its terms on the hub and log in "
+                         f"(hf auth login)") from e
+    except RepositoryNotFoundError as e:
+        raise UsageError(f"input {name}: not a local path, and no such dataset on the Hugging Face hub "
+                         f"(or it is private: hf auth login)") from e
+    except Exception as e:  # the network: DNS, refused, timeout, proxy
+        raise UsageError(f"input {name}: not a local path, and the Hugging Face hub cannot be reached "
+                         f"({one_line(e)}); if the dataset is in the local cache, set HF_HUB_OFFLINE=1") from e
+
+
 # ----- column checks -------------------------------------------------------------------------------------------
-def resolve_prompt_column(schema: pa.Schema, prompt_column: str) -> str:
+def resolve_prompt_column(schema: pa.Schema, prompt_column: str, option: str = "--prompt-column") -> str:
     """The column holding prompts: ``prompt_column``, or ``messages`` when the default ``prompt`` is absent.
 
     Raises :class:`UsageError` for a missing column or one whose type can never hold prompts, for override
-    columns that are not numbers, and for input columns that would clash with the result columns.
+    columns that are not numbers or a ``sampling_params`` column that is not a struct, and for input columns
+    that would clash with the result columns. ``option`` is how the caller's user names the prompt column
+    (a flag, or a Python argument).
     """
     names = schema.names
     column = prompt_column
@@ -166,7 +200,7 @@ def resolve_prompt_column(schema: pa.Schema, prompt_column: str) -> str:
         column = "messages"
     if column not in names:
         raise UsageError(f"input has no column {prompt_column!r} (columns: {', '.join(names) or 'none'}); "
-                         f"choose one with --prompt-column")
+                         f"choose one with {option}")
     kind = prompt_kind(schema.field(column).type)
     if kind is None:
         raise UsageError(f"column {column!r} has type {schema.field(column).type}; expected text (string), chat "
@@ -176,6 +210,11 @@ def resolve_prompt_column(schema: pa.Schema, prompt_column: str) -> str:
             t = schema.field(name).type
             if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
                 raise UsageError(f"column {name!r} (a per-row override) has type {t}; expected numbers")
+    if SAMPLING_PARAMS_COLUMN in names:
+        t = schema.field(SAMPLING_PARAMS_COLUMN).type
+        if not (pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_null(t)):
+            raise UsageError(f"column {SAMPLING_PARAMS_COLUMN!r} has type {t}; expected a struct of SamplingParams "
+                             f"fields (max_tokens, temperature, top_p, seed, ...)")
     clashes = [n for n in names if n in OUTPUT_SCHEMA.names]
     if clashes:
         raise UsageError(f"input columns {clashes} clash with result columns of the same names; rename them")

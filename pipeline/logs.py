@@ -33,9 +33,9 @@ def tag_logger(name: str, actor_id: str) -> None:
 
 
 def actor_logger(actor_id: str, level: str) -> logging.Logger:
-    """The pipeline's logger inside an actor: stderr, the engine's format, tagged with ``actor_id``.
-
-    Logs at INFO (one line per shard), or DEBUG when the job's --log-level is DEBUG.
+    """The pipeline's logger inside an actor: stderr, the engine's format, tagged with ``actor_id``, at the job's
+    ``--log-level``: its INFO lines (engine ready, one per shard) are forwarded to the driver's terminal only
+    when asked for, so that by default they do not break the progress bar.
     """
     logger = logging.getLogger("pipeline.actor")
     if not logger.handlers:
@@ -43,6 +43,6 @@ def actor_logger(actor_id: str, level: str) -> logging.Logger:
         handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.DEBUG if level == "DEBUG" else logging.INFO)
+    logger.setLevel(level)
     tag_logger(logger.name, actor_id)
     return logger

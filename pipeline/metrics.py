@@ -25,7 +25,7 @@ class ActorMetrics:
         self.kv_usage = make(Gauge, "nanovllm_kv_cache_usage", "Fraction of KV-cache blocks in use")
         self.prefix_hit_rate = make(Gauge, "nanovllm_prefix_cache_hit_rate",
                                     "Prompt tokens served from the prefix cache / prompt tokens prefilled")
-        self.tokens = make(Counter, "nanovllm_generated_tokens", "Tokens generated")
+        self.tokens = make(Counter, "nanovllm_generated_tokens", "Tokens of the rows returned (as in stats.json)")
         self.step_time = make(Histogram, "nanovllm_step_time_s", "Engine step time (seconds)",
                               boundaries=STEP_TIME_BOUNDARIES)
         self.rows_done = make(Counter, "pipeline_rows_done", "Rows finished (with a result or an error)")
@@ -42,11 +42,14 @@ class ActorMetrics:
             self._hit_tokens += record["prefix_cache_hit_tokens"]
             self._prefill_tokens += record["num_tokens"] + record["prefix_cache_hit_tokens"]
             self.prefix_hit_rate.set(self._hit_tokens / self._prefill_tokens if self._prefill_tokens else 0.0)
-        if record["batch_size"]:
-            self.tokens.inc(record["batch_size"])  # every scheduled sequence samples one token per step
         self.step_time.observe(record["step_time_s"])
 
-    def on_shard(self, rows_ok: int, rows_failed: int) -> None:
+    def on_shard(self, rows_ok: int, rows_failed: int, generated_tokens: int) -> None:
+        """Count a returned shard's rows and tokens. Tokens are counted here, from the rows' results, not per
+        step: a step also samples the token of a sequence that already stopped (async scheduling drops it),
+        and the steps of an attempt that fails are redone elsewhere; neither is in the results."""
+        if generated_tokens:
+            self.tokens.inc(generated_tokens)
         if rows_ok + rows_failed:
             self.rows_done.inc(rows_ok + rows_failed)
         if rows_failed:

@@ -49,6 +49,10 @@ class OutputDir:
         """Refuse an output that is not ours to write; called before anything is written."""
         if self.root.exists() and not self.root.is_dir():
             raise UsageError(f"--output {self.root} exists and is not a directory")
+        nearest = next(p for p in (self.root, *self.root.absolute().parents) if p.exists())
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+            why = "is not a directory" if not nearest.is_dir() else "is not writable"
+            raise UsageError(f"cannot create directory {self.root}: {nearest} {why}")
         if self.manifest_path.exists() or overwrite:
             return
         if resume:
@@ -81,6 +85,10 @@ class OutputDir:
         shutil.rmtree(self.tmp, ignore_errors=True)  # leftovers of a killed run
         self._makedirs(self.tmp)
         return manifest, self.finished_shards()
+
+    def previous_manifest(self, overwrite: bool) -> dict[str, Any] | None:
+        """The manifest of the job already here, if it is to be continued (None: none, or ``overwrite``)."""
+        return None if overwrite or not self.manifest_path.exists() else self._read_manifest()
 
     def _read_manifest(self) -> dict[str, Any]:
         try:

@@ -1,9 +1,11 @@
 """Driver progress: a tqdm bar on a terminal, a plain line every few seconds otherwise (logs, ray job submit)."""
+import logging
 import sys
 import time
 from typing import TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 class Progress:
@@ -13,10 +15,13 @@ class Progress:
         self.start_done = done_rows
         self.started = self.last_line = time.monotonic()
         self.interval_s = interval_s
-        self.bar = None
+        self.bar = self._redirect = None
         if self.stream.isatty():
             self.bar = tqdm(total=total_rows, initial=done_rows, unit="row", desc="rows", file=self.stream,
                             dynamic_ncols=True, smoothing=0.1)
+            # The driver's own log lines go above the bar instead of through it.
+            self._redirect = logging_redirect_tqdm([logging.getLogger()])
+            self._redirect.__enter__()
 
     def advance(self, rows: int, tokens: int) -> None:
         self.done += rows
@@ -47,6 +52,7 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
         else:
             print(self.line(), file=self.stream, flush=True)

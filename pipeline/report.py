@@ -6,6 +6,10 @@ its result parts: throughput over time per actor, running batch size, KV-cache u
 rate, and the TTFT and latency distributions. The HTML page adds the job's numbers from ``stats.json``
 and embeds the image as a data URI; it loads nothing else, so it can be mailed, attached to a ticket or
 opened offline. ``offline_batch.py --report`` calls :func:`render_report` at the end of a job.
+
+After a resume, the plots over time and the actor table show the latest run (the one ``stats.json``
+describes), so that no idle gap between runs stretches the time axis; row totals and the distributions
+cover every run, and are labelled so.
 """
 import argparse
 import base64
@@ -26,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError, UsageError
-from pipeline.output import OutputDir  # noqa: E402
-from pipeline.rows import OUTPUT_SCHEMA  # noqa: E402
+from pipeline.output import OutputDir
+from pipeline.rows import OUTPUT_SCHEMA
 
 PNG_NAME, HTML_NAME = "report.png", "report.html"
 # Actor i is drawn in ACTOR_COLORS[i % 10] (matplotlib's tab10); the two distributions have their own colours.
@@ -37,6 +41,7 @@ TTFT_COLOR, LATENCY_COLOR = "#17becf", "#9467bd"
 THROUGHPUT_BINS = 50
 PERCENTILES = (50, 90, 99)
 RESULT_COLUMNS = ("num_prompt_tokens", "num_cached_tokens", "ttft_s", "latency_s")
+MATPLOTLIB_MISSING = 'the report needs matplotlib: pip install -e ".[report]" (or: pip install matplotlib)'
 
 Steps = dict[str, np.ndarray]   # one actor's step records: column name -> values, in time order
 
@@ -46,9 +51,14 @@ class JobData:
     """What the report reads from a job's output directory."""
     root: Path
     stats: dict[str, Any]       # stats.json; {} when the job wrote none (killed before its end)
-    steps: dict[str, Steps]     # actor id -> its steps, actors in name order
-    results: pa.Table           # RESULT_COLUMNS of every written row
-    t0: float                   # wall-clock start of the job's first step: time zero of the plots
+    steps: dict[str, Steps]     # actor id -> its steps in the latest run (all steps without stats), by name
+    results: pa.Table           # RESULT_COLUMNS of every written row, all runs
+    t0: float                   # wall-clock start of the run's first step: time zero of the plots
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the latest run continued earlier ones (its numbers then differ from the job's totals)."""
+        return bool(self.stats and self.stats["this_run"]["shards_skipped"])
 
 
 def load_job(output_dir: str | os.PathLike) -> JobData:
@@ -62,6 +72,8 @@ def load_job(output_dir: str | os.PathLike) -> JobData:
     results = pa.concat_tables([pq.read_table(p, columns=list(RESULT_COLUMNS)) for p in parts] or
                                [schema.empty_table()])
     steps_table = pq.read_table(out.steps_path) if out.steps_path.exists() else pa.table({})
+    if steps_table.num_rows and stats:  # the latest run's steps: they end after it started
+        steps_table = steps_table.filter(pc.greater_equal(steps_table["timestamp"], stats["this_run"]["started_at"]))
     steps: dict[str, Steps] = {}
     t0 = 0.0
     if steps_table.num_rows:
@@ -75,8 +87,10 @@ def load_job(output_dir: str | os.PathLike) -> JobData:
 # ----- plots -------------------------------------------------------------------------------------------------
 def plot(job: JobData):
     """The report's figure (a ``matplotlib.figure.Figure``): six panels over the job's steps and results."""
-    from matplotlib.figure import Figure  # not pyplot: no global state or GUI backend in the caller's process
-
+    try:
+        from matplotlib.figure import Figure  # not pyplot: no global state or GUI backend in the caller's process
+    except ImportError as e:
+        raise UsageError(MATPLOTLIB_MISSING) from e
     fig = Figure(figsize=(14, 12), dpi=100, layout="constrained")
     axes = fig.subplots(3, 2)
     fig.suptitle(_title(job), fontsize=14)
@@ -85,21 +99,25 @@ def plot(job: JobData):
     _per_actor(axes[1, 0], job, "KV-cache usage", "% of blocks in use", lambda s, t: (t, _kv_usage(s)))
     _per_actor(axes[1, 1], job, "Prefix-cache hit rate (cumulative)", "% of prompt tokens from the cache",
                _prefix_hit_rate)
-    _distribution(axes[2, 0], job.results["ttft_s"], "Time to first token", TTFT_COLOR)
-    _distribution(axes[2, 1], job.results["latency_s"], "Request latency", LATENCY_COLOR)
+    runs = "all runs, " if job.resumed else ""
+    _distribution(axes[2, 0], job.results["ttft_s"], "Time to first token", TTFT_COLOR, runs)
+    _distribution(axes[2, 1], job.results["latency_s"], "Request latency", LATENCY_COLOR, runs)
     return fig
 
 
 def _title(job: JobData) -> str:
     s = job.stats
     title = f"Job {s.get('job_id', job.root.name)}"
-    if s:
+    if s and job.resumed:
+        title += (f": {s['status']}, {s['rows_done']}/{s['rows_total']} rows over all runs; this run "
+                  f"{s['this_run']['rows']} rows, {s['output_tokens_per_s']:.1f} tok/s")
+    elif s:
         title += f": {s['status']}, {s['rows_done']}/{s['rows_total']} rows, {s['output_tokens_per_s']:.1f} tok/s"
     return title
 
 
 def _throughput(ax, job: JobData) -> None:
-    """Generated tokens per second in equal time bins (each sequence in a step samples one token)."""
+    """Generated tokens per second in equal time bins."""
     title = "Generation throughput per actor"
     if not job.steps:
         return _no_data(ax, title)
@@ -108,7 +126,7 @@ def _throughput(ax, job: JobData) -> None:
     width = edges[1] - edges[0]
     total = np.zeros(THROUGHPUT_BINS)
     for (actor, s), color in zip(job.steps.items(), itertools.cycle(ACTOR_COLORS)):
-        tokens, _ = np.histogram(s["timestamp"] - job.t0, bins=edges, weights=s["batch_size"])
+        tokens, _ = np.histogram(s["timestamp"] - job.t0, bins=edges, weights=_new_tokens(s))
         total += tokens
         ax.stairs(tokens / width, edges, color=color, label=actor, linewidth=2)
     if len(job.steps) > 1:
@@ -125,6 +143,12 @@ def _per_actor(ax, job: JobData, title: str, ylabel: str,
         x, y = series(s, s["timestamp"] - job.t0)
         ax.plot(x, y, color=color, label=actor, linewidth=2, drawstyle="steps-post")
     _axes(ax, title, ylabel)
+
+
+def _new_tokens(s: Steps) -> np.ndarray:
+    """Tokens appended to sequences in each step (outputs written before the column existed: one per scheduled
+    sequence, which also counts the token async scheduling drops after a sequence stopped)."""
+    return s["num_new_tokens"] if "num_new_tokens" in s else s["batch_size"]
 
 
 def _batch_size(s: Steps, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +173,7 @@ def _prefix_hit_rate(s: Steps, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return t[prefill], 100.0 * hits / np.maximum(prompt, 1)
 
 
-def _distribution(ax, column: pa.ChunkedArray, title: str, color: str) -> None:
+def _distribution(ax, column: pa.ChunkedArray, title: str, color: str, runs: str) -> None:
     """A histogram of the rows' values (failed rows have none), with p50/p90/p99 marked."""
     values = pc.drop_null(column).to_numpy()
     if not len(values):
@@ -157,10 +181,10 @@ def _distribution(ax, column: pa.ChunkedArray, title: str, color: str) -> None:
     ax.hist(values, bins=min(40, max(5, len(values) // 2)), color=color)
     for q, v, style in zip(PERCENTILES, np.percentile(values, PERCENTILES), ("-", "--", ":")):
         ax.axvline(v, color="black", linestyle=style, linewidth=1.2, label=f"p{q} {_seconds(v)}")
-    _axes(ax, f"{title} ({len(values)} rows)", "rows", xlabel="seconds")
+    _axes(ax, f"{title} ({runs}{len(values)} rows)", "rows", xlabel="seconds")
 
 
-def _axes(ax, title: str, ylabel: str, xlabel: str = "seconds since the job's first step") -> None:
+def _axes(ax, title: str, ylabel: str, xlabel: str = "seconds since the run's first step") -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -185,12 +209,18 @@ def summary(job: JobData) -> list[tuple[str, str]]:
     """(label, value) rows for the page's summary table, from stats.json, the results and the steps."""
     s, rows = job.stats, []
     if s:
-        config, resources = s.get("config", {}), s.get("resources", {})
+        config, resources, run = s.get("config", {}), s.get("resources", {}), s["this_run"]
+        all_runs = " (all runs)" if job.resumed else ""
+        this_run = " (this run)" if job.resumed else ""
         rows += [("status", s["status"]), ("model", str(config.get("model"))),
-                 ("rows", f"{s['rows_done']} of {s['rows_total']} done, {s['rows_failed']} failed"),
-                 ("prompt tokens", f"{s['prompt_tokens']:,}"), ("generated tokens", f"{s['generated_tokens']:,}"),
-                 ("wall time", _seconds(s["wall_time_s"])),
-                 ("output throughput", f"{s['output_tokens_per_s']:.1f} tok/s"),
+                 (f"rows{all_runs}", f"{s['rows_done']} of {s['rows_total']} done, {s['rows_failed']} failed"),
+                 (f"prompt tokens{all_runs}", f"{s['prompt_tokens']:,}"),
+                 (f"generated tokens{all_runs}", f"{s['generated_tokens']:,}")]
+        if job.resumed:
+            rows += [("rows (this run)", f"{run['rows']} ({run['shards_skipped']} shards were already written)"),
+                     ("generated tokens (this run)", f"{run['generated_tokens']:,}")]
+        rows += [(f"wall time{this_run}", _seconds(s["wall_time_s"])),
+                 (f"output throughput{this_run}", f"{s['output_tokens_per_s']:.1f} tok/s"),
                  ("actors", f"{resources.get('num_actors')} on {resources.get('device')}")]
     for name, label in (("ttft_s", "TTFT"), ("latency_s", "latency")):
         values = pc.drop_null(job.results[name]).to_numpy()
@@ -203,7 +233,7 @@ def summary(job: JobData) -> list[tuple[str, str]]:
         rows.append(("prefix-cache hit rate", f"{100.0 * cached / prompt_tokens:.1f}% of prompt tokens"))
     if job.steps:
         steps = job.steps.values()
-        rows += [("engine steps", f"{sum(len(s['step']) for s in steps):,}"),
+        rows += [(f"engine steps{' (this run)' if job.resumed else ''}", f"{sum(len(s['step']) for s in steps):,}"),
                  ("peak running batch", str(max(int(s["batch_size"].max()) for s in steps))),
                  ("peak KV-cache usage", f"{max(_kv_usage(s).max() for s in steps):.1f}%"),
                  ("preemptions", str(sum(int(s["num_preempted"].sum()) for s in steps)))]
@@ -227,7 +257,7 @@ def render_html(job: JobData, png: bytes) -> str:
     e = html.escape
     table = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary(job))
     actors = actor_rows(job)
-    actor_table = ("<h2>Actors</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in actors[0]) + "</tr>" +
+    actor_table = (f"<h2>Actors{' of this run' if job.resumed else ''}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in actors[0]) + "</tr>" +
                    "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in actors[1:]) +
                    "</table>") if actors else ""
     image = base64.b64encode(png).decode("ascii")
@@ -248,9 +278,10 @@ img {{ max-width: 100%; height: auto; border: 1px solid #ddd; }}
 <h2>Plots</h2>
 <img alt="throughput, batch size, KV-cache usage, prefix-cache hit rate, TTFT and latency"
  src="data:image/png;base64,{image}">
-<p class="note">Time runs from the job's first engine step. Throughput counts one generated token per sequence
-per step, in {THROUGHPUT_BINS} equal bins; the dashed line sums the actors. The hit rate is cumulative over
-each actor's prefill steps. The distributions cover rows that produced tokens (failed rows have no timings).</p>
+<p class="note">Time runs from the run's first engine step{" (the plots over time show this run only)" if job.resumed
+else ""}. Throughput counts the tokens appended to sequences in each step, in {THROUGHPUT_BINS} equal bins; the
+dashed line sums the actors. The hit rate is cumulative over each actor's prefill steps. The distributions cover
+rows that produced tokens{" in every run" if job.resumed else ""} (failed rows have no timings).</p>
 {actor_table}
 </body></html>
 """

@@ -10,8 +10,12 @@ from typing import Any
 
 import pyarrow as pa
 
-# Per-row columns that override the job's sampling flags (null: use the flag). Value: integer-valued?
-OVERRIDE_COLUMNS = {"max_tokens": True, "temperature": False, "top_p": False, "seed": True}
+# Per-row columns that override the job's sampling flags (null: use the flag).
+OVERRIDE_COLUMNS = ("max_tokens", "temperature", "top_p", "seed")
+# A per-row struct (or map) of any SamplingParams fields, as ray.data.llm's ``sampling_params``; the override
+# columns above win over its fields.
+SAMPLING_PARAMS_COLUMN = "sampling_params"
+INTEGER_FIELDS = ("max_tokens", "seed", "top_k")   # whole floats (pandas: int columns with nulls) become ints
 
 # Columns appended after the input's own, in this order, in every part file.
 OUTPUT_SCHEMA = pa.schema([
@@ -54,12 +58,15 @@ def prepare_requests(table: pa.Table, spec: RowSpec, encode: Callable[[Any, int]
     """
     prompts = table.column(spec.prompt_column).to_pylist()
     overrides = {name: table.column(name).to_pylist() for name in OVERRIDE_COLUMNS if name in table.column_names}
+    row_params = (table.column(SAMPLING_PARAMS_COLUMN).to_pylist() if SAMPLING_PARAMS_COLUMN in table.column_names
+                  else [None] * table.num_rows)
     requests: list[Request] = []
     errors: dict[int, str] = {}
     for i, prompt in enumerate(prompts):
         try:
-            params = make_params(**sampling_kwargs({name: values[i] for name, values in overrides.items()}, spec))
-        except ValueError as e:
+            fields = {**dict(row_params[i] or {}), **{name: values[i] for name, values in overrides.items()}}
+            params = make_params(**sampling_kwargs(fields, spec))
+        except (ValueError, TypeError) as e:  # TypeError: a sampling_params field SamplingParams does not have
             errors[i] = f"invalid sampling override: {e}"
             continue
         try:
@@ -81,7 +88,7 @@ def sampling_kwargs(overrides: dict[str, Any], spec: RowSpec) -> dict[str, Any]:
     for name, value in overrides.items():
         if value is None:
             continue
-        if OVERRIDE_COLUMNS[name] and isinstance(value, float) and value.is_integer():
+        if name in INTEGER_FIELDS and isinstance(value, float) and value.is_integer():
             value = int(value)
         kwargs[name] = value
     return kwargs

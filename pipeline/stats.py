@@ -19,6 +19,7 @@ class ActorStats:
     node_id: str | None = None
     load_time_s: float | None = None
     status: str = "starting"    # starting | running | stopped | died | failed to start
+    error: str | None = None    # why it died or failed to start
     shards: int = 0
     rows: int = 0
     rows_ok: int = 0
@@ -42,6 +43,7 @@ class JobStats:
     def __init__(self, job_id: str, started: float, resources: dict[str, Any]):
         self.job_id = job_id
         self.started = started          # time.monotonic() when the job began (before planning and Ray)
+        self.started_at = time.time() - self.elapsed()  # the same instant on the wall clock (steps' timestamps)
         self.resources = resources
         self.actors: dict[str, ActorStats] = {}
         self.first_result_s: float | None = None
@@ -74,7 +76,7 @@ class JobStats:
             rows_total=num_rows, **totals,
             output_tokens_per_s=self.generated_tokens / wall if wall > 0 else 0.0,
             time_to_first_result_s=self.first_result_s,
-            this_run=dict(rows=self.rows_done, generated_tokens=self.generated_tokens,
+            this_run=dict(started_at=self.started_at, rows=self.rows_done, generated_tokens=self.generated_tokens,
                           shards_written=self.shards_written, shards_skipped=self.shards_skipped,
                           shard_retries=self.shard_retries, shard_splits=self.shard_splits,
                           actors_replaced=self.actors_replaced),

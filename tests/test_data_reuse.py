@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline.data import Generate, generate_table, to_arrow
+from pipeline.data import Generate, generate_table, run_sync, to_arrow
 from pipeline.errors import UsageError
 from pipeline.rows import OUTPUT_SCHEMA
 from test_pipeline_support import start_ray_cluster
@@ -95,11 +95,11 @@ def test_generate_instance_reuses_its_engine_and_follows_the_job_column_rules():
     generate = Generate(**ENGINE)
     try:
         chat = pa.table({"messages": [[{"role": "user", "content": "Hi there"}]]})
-        first = generate(chat)
+        first = run_sync(generate(chat))
         assert first["finish_reason"].to_pylist() == ["length"] and first["shard_id"].to_pylist() == [0]
-        assert generate(chat)["shard_id"].to_pylist() == [1]
+        assert run_sync(generate(chat))["shard_id"].to_pylist() == [1]
         with pytest.raises(UsageError, match="clash"):
-            generate(pa.table({"prompt": ["Hi"], "error": ["mine"]}))
+            run_sync(generate(pa.table({"prompt": ["Hi"], "error": ["mine"]})))
     finally:
         generate.shutdown()
 

@@ -1,5 +1,6 @@
 """Shared helpers for the pipeline and reliability tests (no tests here): a local Ray cluster per test
 module, job flags for the tiny demo model, and readers for a job's output."""
+import asyncio
 import os
 import re
 import socket
@@ -17,6 +18,8 @@ from pipeline.actor import EngineActor
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
+MODEL = "demo-random"   # the tiny random-weight model: fast, no download
+MAX_NUM_SEQS = 4
 
 
 @dataclass
@@ -50,16 +53,18 @@ class PacedActor(EngineActor):
     """The real actor, slowed by 0.4 s per shard: long enough that both actors of a small job overlap even when
     one loads its engine seconds after the other, and that a test can act while shards are still running."""
 
-    def _generate(self, prompts, params):
-        time.sleep(0.4)
-        return super()._generate(prompts, params)
+    async def _generate(self, prompts, params):
+        await asyncio.sleep(0.4)
+        return await super()._generate(prompts, params)
 
 
 def job_argv(input_path, output, *extra: str, actors: int = 1, shard_size: int = 4, max_tokens: int = 4) -> list[str]:
-    """Flags for a small CPU job on the tiny random model (kv blocks of 16 tokens, max_model_len 256)."""
-    args = ["--output", str(output), "--model", "demo-random", "--device", "cpu", "--num-actors", str(actors),
+    """Flags for a small CPU job on the tiny random model (kv blocks of 16 tokens, max_model_len 256, at most 4
+    sequences in a batch, so an actor holds 8 rows: small jobs still spread over several actors)."""
+    args = ["--output", str(output), "--model", MODEL, "--device", "cpu", "--num-actors", str(actors),
             "--shard-size", str(shard_size), "--max-tokens", str(max_tokens), "--max-model-len", "256",
-            "--engine-arg", "kvcache_block_size=16", "--progress-interval", "5"]
+            "--engine-arg", "kvcache_block_size=16", "--engine-arg", f"max_num_seqs={MAX_NUM_SEQS}",
+            "--progress-interval", "5"]
     if input_path is not None:
         args = ["--input", str(input_path), *args]
     return [*args, *extra]

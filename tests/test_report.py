@@ -5,7 +5,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.actor import EngineActor
 from pipeline.config import parse_config
 from pipeline.driver import run_job
 from pipeline import report
 from pipeline.rows import build_result_table
-from test_pipeline_support import REPO, job_argv, read_results, start_ray_cluster, subprocess_env
+from test_pipeline_support import REPO, PacedActor, job_argv, read_results, start_ray_cluster, subprocess_env
 
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 
@@ -26,14 +24,6 @@ ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(name)), None)
 JOB_ID = "report-job"
-
-
-class PacedActor(EngineActor):
-    """Makes each shard take a while, so that the actor that loads its engine second still gets shards."""
-
-    def _generate(self, prompts, params):
-        time.sleep(0.25)
-        return super()._generate(prompts, params)
 
 
 @pytest.fixture(scope="module")
