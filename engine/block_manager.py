@@ -3,6 +3,11 @@
 Each full block is keyed by a hash of its token ids chained with the previous block's hash, so equal
 hashes mean equal prefixes. Blocks are reference counted; a freed block keeps its hash and contents
 until it is reused, so a later request with the same prefix can still hit it (LRU order of freeing).
+
+A block enters the hash index only once every one of its tokens is known on the host and scheduled for
+computation (:meth:`BlockManager.register_computed_blocks`). A later step may then read it: steps run in
+launch order. So may a later row of the same step: every layer stores the whole batch's K/V before it
+attends, so the block's K/V are written, in each layer, before any row reads them there.
 """
 import logging
 from collections import OrderedDict
@@ -52,53 +57,69 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
-    def _full_block_hashes(self, seq: Sequence) -> list[int]:
-        """Chained hashes of the sequence's full blocks, extending the ones computed before (tokens only grow)."""
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Chained hashes of the sequence's first ``num_blocks`` full blocks, extending the ones computed
+        before (tokens only grow)."""
         hashes = seq.block_hashes
-        for i in range(len(hashes), len(seq.token_ids) // self.block_size):
+        for i in range(len(hashes), num_blocks):
             hashes.append(block_hash(seq.block(i), hashes[-1] if hashes else -1))
         return hashes
 
-    def _cached_prefix(self, seq: Sequence, hashes: list[int]) -> list[int]:
-        """Block ids holding the longest cached prefix; the last token is always left to compute."""
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of a sequence with no blocks yet; its last token is
+        always left to compute (its logits sample the next one)."""
         if not self.enable_prefix_caching:
             return []
+        num_blocks = (len(seq) - 1) // self.block_size
         hits = []
-        for i in range(min(len(hashes), (len(seq) - 1) // self.block_size)):
-            block_id = self.hash_to_block_id.get(hashes[i], -1)
+        for i, h in enumerate(self._block_hashes(seq, num_blocks)[:num_blocks]):
+            block_id = self.hash_to_block_id.get(h, -1)
             if block_id == -1 or self.blocks[block_id].token_ids != seq.block(i):
                 break
             hits.append(block_id)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> tuple[bool, int]:
-        """(whether the sequence fits now, how many of its prompt tokens the prefix cache would serve)."""
-        hits = self._cached_prefix(seq, self._full_block_hashes(seq))
-        hits_in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)
-        return self.num_free_blocks >= seq.num_blocks - hits_in_use, len(hits) * self.block_size
-
-    def allocate(self, seq: Sequence) -> None:
-        assert not seq.block_table
+    def allocate(self, seq: Sequence, num_tokens: int, cached: list[int] | None = None) -> bool:
+        """Extend the sequence's block table to hold its first ``num_tokens`` tokens, starting with the
+        ``cached`` prefix blocks on its first allocation. False, changing nothing, when too few blocks are free."""
+        cached = cached or []
+        num_new = max(0, -(-num_tokens // self.block_size) - len(seq.block_table) - len(cached))
+        num_revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # free, but holding a cached prefix
+        if num_new + num_revived > self.num_free_blocks:
+            return False
+        if not num_new and not cached:
+            return True
         debug = logger.isEnabledFor(logging.DEBUG)
         if debug:
-            logger.debug("Allocating blocks for seq_id=%d, num_blocks=%d", seq.seq_id, seq.num_blocks)
-        hashes = self._full_block_hashes(seq)
-        hits = self._cached_prefix(seq, hashes)
-        for block_id in hits:
+            logger.debug("Allocating blocks for seq_id=%d, num_blocks=%d", seq.seq_id,
+                         len(seq.block_table) + len(cached) + num_new)
+        for block_id in cached:
             self._take(block_id)
-        seq.block_table = list(hits)
-        for i in range(len(hits), seq.num_blocks):
-            block = self._take(next(iter(self.free_block_ids)), fresh=True)
-            if i < len(hashes):
-                self._register(block, hashes[i], seq.block(i))
-            seq.block_table.append(block.block_id)
-        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.block_table.extend(cached)
+        seq.num_registered_blocks += len(cached)
+        for _ in range(num_new):
+            seq.block_table.append(self._take(next(iter(self.free_block_ids)), fresh=True).block_id)
         if debug:
             logger.debug("Allocated blocks for seq_id=%d: new=%d, cache_hits=%d, free_blocks=%d, used_blocks=%d",
-                         seq.seq_id, seq.num_blocks - len(hits), len(hits), self.num_free_blocks,
-                         self.num_used_blocks)
+                         seq.seq_id, num_new, len(cached), self.num_free_blocks, self.num_used_blocks)
+        return True
 
-    def deallocate(self, seq: Sequence) -> None:
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Add the sequence's full blocks whose tokens are all scheduled and known to the prefix cache (a block
+        whose last token is still being sampled joins one step later)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        if num_full <= seq.num_registered_blocks:
+            return
+        hashes = self._block_hashes(seq, num_full)
+        for i in range(seq.num_registered_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            block.hash, block.token_ids = hashes[i], seq.block(i)
+            self.hash_to_block_id[hashes[i]] = block.block_id
+        seq.num_registered_blocks = num_full
+
+    def free(self, seq: Sequence) -> None:
         freed = 0
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -110,22 +131,7 @@ class BlockManager:
             logger.debug("Deallocated blocks for seq_id=%d: freed=%d/%d, free_blocks=%d",
                          seq.seq_id, freed, len(seq.block_table), self.num_free_blocks)
         seq.block_table = []
-        seq.num_cached_tokens = 0
-
-    def can_append(self, seq: Sequence) -> bool:
-        """The token at position len(seq)-1 needs a new block when it starts one."""
-        return self.num_free_blocks >= (len(seq) % self.block_size == 1)
-
-    def may_append(self, seq: Sequence) -> None:
-        position = len(seq) - 1
-        if position % self.block_size == 0:
-            seq.block_table.append(self._take(next(iter(self.free_block_ids)), fresh=True).block_id)
-        elif len(seq) % self.block_size == 0 and self.enable_prefix_caching:
-            index = len(seq) // self.block_size - 1
-            prefix = self.blocks[seq.block_table[index - 1]].hash if index > 0 else -1
-            tokens = seq.block(index)
-            if (index == 0 or prefix != -1) and len(tokens) == self.block_size:  # not when a token is pending
-                self._register(self.blocks[seq.block_table[index]], block_hash(tokens, prefix), tokens)
+        seq.num_registered_blocks = 0
 
     def _take(self, block_id: int, fresh: bool = False) -> Block:
         block = self.blocks[block_id]
@@ -137,8 +143,3 @@ class BlockManager:
             block.hash, block.token_ids = -1, []
         block.ref_count += 1
         return block
-
-    def _register(self, block: Block, h: int, token_ids: list[int]) -> None:
-        block.hash, block.token_ids = h, list(token_ids)
-        if self.enable_prefix_caching:
-            self.hash_to_block_id[h] = block.block_id

@@ -1,8 +1,12 @@
-"""Engine configuration: user arguments checked once, plus what is derived from the model's HF config."""
+"""Engine configuration: user arguments checked once, plus what is derived from the model's HF config and,
+for ``max_num_seqs``, from the size of the KV cache."""
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
+
+MAX_NUM_SEQS = 1024        # the largest default running set
+TYPICAL_SEQ_TOKENS = 1024  # prompt + completion of a typical request, for sizing the default running set
 
 
 @dataclass
@@ -12,8 +16,8 @@ class Config:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     max_model_len: int = 4096
-    max_num_seqs: int = 512
-    max_num_batched_tokens: int = 16384
+    max_num_seqs: int | None = None  # running sequences at most; None: fitted to the KV cache (default_max_num_seqs)
+    max_num_batched_tokens: int = 16384  # tokens forwarded per step; longer prompts are prefilled in chunks
     gpu_memory_utilization: float = 0.9
     kvcache_block_size: int = 128
     enable_prefix_caching: bool = True
@@ -34,7 +38,10 @@ class Config:
             ("tensor_parallel_size", isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
              "must be an int >= 1"),
             ("max_model_len", self.max_model_len >= 1, "must be >= 1"),
-            ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
+            ("max_num_seqs", self.max_num_seqs is None or 1 <= self.max_num_seqs <= self.max_num_batched_tokens,
+             f"must be None or from 1 to max_num_batched_tokens={self.max_num_batched_tokens} (every running "
+             "sequence's decode token must fit in one step)"),
             ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"),
             ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
              "must be auto, float32, float16 or bfloat16"),
@@ -50,7 +57,6 @@ class Config:
                              f"{torch.cuda.device_count()} visible GPUs")
         self.hf_config = AutoConfig.from_pretrained(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
-        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
         self.torch_dtype = self._resolve_dtype()
         if self.device == "cpu":
             self.enforce_eager = True
@@ -67,3 +73,15 @@ class Config:
     @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.kvcache_block_size)
+
+    @property
+    def max_num_seqs_limit(self) -> int:
+        """``max_num_seqs``, or before it is fitted to the KV cache, the most it can become."""
+        return self.max_num_seqs or min(MAX_NUM_SEQS, self.max_num_batched_tokens)
+
+    def default_max_num_seqs(self, num_kv_blocks: int) -> int:
+        """``max_num_seqs`` when left None: as many sequences of TYPICAL_SEQ_TOKENS (or max_model_len, if
+        shorter) as the KV cache holds, from 1 to ``max_num_seqs_limit`` (a larger running set would mostly
+        preempt)."""
+        per_seq = min(self.max_model_len, TYPICAL_SEQ_TOKENS)
+        return max(1, min(self.max_num_seqs_limit, num_kv_blocks * self.kvcache_block_size // per_seq))

@@ -7,10 +7,11 @@ import torch
 @dataclass
 class Context:
     is_prefill: bool = False
-    cu_seqlens_q: torch.Tensor | None = None   # [B+1] prefill: new tokens per sequence, packed
+    cu_seqlens_q: torch.Tensor | None = None   # [B+1] prefill: new tokens per row, packed
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    has_cached_prefix: bool = False            # some prefill sequence starts after cached blocks
+    has_cached_prefix: bool = False            # some row attends to keys before its new tokens (prefix-cache
+                                               # hits, earlier chunks, a decode row's context)
     slot_mapping: torch.Tensor | None = None   # [tokens] cache slot of each new token
     context_lens: torch.Tensor | None = None   # [B] cached + new tokens per sequence
     block_tables: torch.Tensor | None = None   # [B, max_blocks]

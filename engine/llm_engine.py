@@ -13,7 +13,7 @@ from engine.loader import resolve_model_path
 from engine.logger import get_logger, memory_summary
 from engine.metrics import StepRecord
 from engine.model_runner import ModelRunner, SampledTokens
-from engine.outputs import StepOutput
+from engine.outputs import SchedulerOutput, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -27,12 +27,8 @@ STOP_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_mode
 @dataclass
 class LaunchedStep:
     """A step whose forward and sampling are queued on the device; its tokens are read when it completes."""
-    seqs: list[Sequence]
-    is_prefill: bool
-    tokens: SampledTokens | list[int]
-    num_tokens: int
-    hit_tokens: int
-    num_preempted: int
+    batch: SchedulerOutput
+    tokens: SampledTokens | list[int]  # one per sampling row of the batch
 
 
 class LLMEngine:
@@ -50,7 +46,7 @@ class LLMEngine:
         self.model_runner = self._start_runners()
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self._eos_token_ids())
         self.step_callbacks: list[Callable[[StepRecord], None]] = []
-        # Async scheduling needs the sampled tokens on the device (single-rank runner only, see step()).
+        # Async scheduling feeds sampled tokens to the next step on the device (single-rank runner only).
         self.async_scheduling = self.config.async_scheduling and self.config.tensor_parallel_size == 1
         self.in_flight: LaunchedStep | None = None
         self.stats = dict(steps=0, prefill_time_s=0.0, decode_time_s=0.0, prompt_tokens=0, generated_tokens=0)
@@ -131,52 +127,56 @@ class LLMEngine:
         """Complete one scheduled batch; return the sequences that finished, the tokens appended and the step's
         metrics.
 
-        With async scheduling, the next decode batch is scheduled and launched before this one's tokens are
-        read, so the host work of one step (scheduling, input preparation, postprocessing) overlaps the
-        device work of the other instead of leaving the GPU idle.
+        With async scheduling, the next batch is scheduled and launched before this one's tokens are read (they
+        reach it on the device), so the host work of one step (scheduling, input preparation, postprocessing)
+        overlaps the device work of the other instead of leaving the GPU idle.
         """
         start = time.perf_counter()
-        current = self.in_flight or self._launch(*self.scheduler.schedule())
-        self.in_flight = self._launch_next_decode(current) if self.async_scheduling else None
+        current = self.in_flight or self._launch(self._schedule())
+        self.in_flight = self._launch_ahead() if self.async_scheduling else None
         token_ids = current.tokens if isinstance(current.tokens, list) else current.tokens.tolist()
-        new_tokens = {s.seq_id: [t] for s, t in zip(current.seqs, token_ids) if not s.is_finished}
-        finished = self.scheduler.postprocess(current.seqs, token_ids)
-        finished += self._apply_stop_strings(current.seqs)
+        seqs = current.batch.sampling_seqs
+        new_tokens = {s.seq_id: [t] for s, t in zip(seqs, token_ids) if not s.is_finished}
+        finished = self.scheduler.postprocess(seqs, token_ids)
+        finished += self._apply_stop_strings(seqs)
         now = time.perf_counter()
         for seq in finished:
             seq.finish_time = now
         elapsed = now - start
         self.stats["steps"] += 1
-        self.stats["prefill_time_s" if current.is_prefill else "decode_time_s"] += elapsed
+        self.stats[f"{current.batch.phase}_time_s"] += elapsed
         self.stats["generated_tokens"] += len(new_tokens)
-        bm = self.scheduler.block_manager
-        record = StepRecord(self.stats["steps"] - 1, "prefill" if current.is_prefill else "decode",
-                            len(current.seqs), current.num_tokens, len(self.scheduler.running),
-                            len(self.scheduler.waiting), current.num_preempted, len(finished), bm.num_used_blocks,
-                            bm.num_free_blocks, current.hit_tokens, elapsed, time.time())
+        record = self._record(current.batch, len(finished), elapsed)
         for fn in self.step_callbacks:
             fn(record)
         return StepOutput(finished, new_tokens, record)
 
-    def _launch(self, seqs: list[Sequence], is_prefill: bool,
-                previous: tuple[SampledTokens, list[int]] | None = None) -> LaunchedStep:
-        num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else len(seqs)
-        hit_tokens = sum(s.num_cached_tokens for s in seqs) if is_prefill else 0
-        if self.async_scheduling:
-            tokens = self.model_runner.launch(seqs, is_prefill, previous)
-        else:
-            tokens = self.model_runner.run(seqs, is_prefill)
-        for seq in seqs:
-            seq.num_pending += 1
-        return LaunchedStep(seqs, is_prefill, tokens, num_tokens, hit_tokens, self.scheduler.num_preempted_last_step)
+    def _schedule(self) -> SchedulerOutput:
+        batch = self.scheduler.schedule()
+        if not batch.num_rows:
+            raise RuntimeError("scheduler made no progress: no waiting sequence fits in the free KV cache "
+                               f"({self.scheduler.block_manager.num_free_blocks} free blocks) and none is running")
+        return batch
 
-    def _launch_next_decode(self, current: LaunchedStep) -> LaunchedStep | None:
-        """Launch the decode step after ``current`` now, feeding it ``current``'s tokens on the device."""
-        seqs = self.scheduler.schedule_next_decode(current.seqs)
-        if seqs is None:
-            return None
-        row = {s.seq_id: i for i, s in enumerate(current.seqs)}
-        return self._launch(seqs, False, (current.tokens.device, [row[s.seq_id] for s in seqs]))
+    def _launch(self, batch: SchedulerOutput) -> LaunchedStep:
+        runner = self.model_runner
+        return LaunchedStep(batch, runner.launch(batch) if self.async_scheduling else runner.run(batch))
+
+    def _launch_ahead(self) -> LaunchedStep | None:
+        """Launch the step after the one in flight now, or None when nothing can run before its tokens are read
+        (e.g. every running sequence ends with its pending token)."""
+        batch = self.scheduler.schedule()
+        return self._launch(batch) if batch.num_rows else None
+
+    def _record(self, batch: SchedulerOutput, num_finished: int, elapsed: float) -> StepRecord:
+        bm, num_tokens = self.scheduler.block_manager, batch.total_num_scheduled_tokens
+        return StepRecord(step=self.stats["steps"] - 1, phase=batch.phase, batch_size=batch.num_rows,
+                          num_tokens=num_tokens, num_prefill_tokens=num_tokens - batch.num_decode_rows,
+                          num_decode_seqs=batch.num_decode_rows, num_running=len(self.scheduler.running),
+                          num_waiting=len(self.scheduler.waiting), num_preempted=batch.num_preempted,
+                          num_finished=num_finished, kv_blocks_used=bm.num_used_blocks,
+                          kv_blocks_free=bm.num_free_blocks, prefix_cache_hit_tokens=batch.num_cached_tokens,
+                          step_time_s=elapsed, timestamp=time.time())
 
     def _apply_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
         finished = []

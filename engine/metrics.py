@@ -5,9 +5,11 @@ from dataclasses import asdict, dataclass
 @dataclass
 class StepRecord:
     step: int                      # 0-based index within the engine's lifetime
-    phase: str                     # "prefill" | "decode"
+    phase: str                     # "prefill" (prompt tokens, maybe with decode rows) | "decode" (decode rows only)
     batch_size: int                # sequences scheduled this step
-    num_tokens: int                # tokens forwarded this step (prefill: uncached prompt tokens)
+    num_tokens: int                # tokens forwarded this step: uncached prompt tokens + one per decode row
+    num_prefill_tokens: int        # of which prompt tokens (or recomputed ones, after preemption)
+    num_decode_seqs: int           # sequences fed back their sampled token this step
     num_running: int               # after the step
     num_waiting: int               # after the step
     num_preempted: int             # preempted while scheduling this step

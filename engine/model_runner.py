@@ -1,5 +1,7 @@
 """Owns the model on one device (one TP rank): weights, the paged KV cache, CUDA graphs, input preparation,
-the forward pass and sampling."""
+the forward pass and sampling. Each step runs one :class:`SchedulerOutput`: a decode-only batch replays a CUDA
+graph; any other (prompt chunks, alone or with decode rows) runs eagerly through the paged prefill attention,
+where a decode row is a one-token query over its whole context."""
 import logging
 from dataclasses import dataclass
 from itertools import chain
@@ -15,11 +17,13 @@ from engine.layers.sampler import Sampler, SamplingBatch
 from engine.loader import load_weights
 from engine.logger import get_logger, memory_summary, timed
 from engine.models import build_model
-from engine.sequence import Sequence
+from engine.outputs import PENDING_TOKEN, SchedulerOutput
 
 logger = get_logger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where no memory profile is taken
 CASCADE_MIN_BATCH = 16  # smaller decode batches gain little from it and would pay its extra kernels
+MAX_GRAPH_BATCH = 512  # CUDA graphs are captured for decode batches up to min(max_num_seqs, this)
+UPLOAD_ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignment: every uploaded view has it
 
 
 def shared_prefix_blocks(tables: np.ndarray, lengths: np.ndarray) -> int:
@@ -46,10 +50,19 @@ class SampledTokens:
         return self.host.tolist()
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes to capture: 1, 2, 4, 8, then steps of 16 up to max_num_seqs (rounded up)."""
-    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
-    return sizes + list(range(16, max_num_seqs + 16, 16)) if max_num_seqs > 8 else sizes + [max_num_seqs]
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """Decode batch sizes to capture: 1, 2, 4, 8, then steps of 16 up to max_batch (rounded up)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
+    return sizes + list(range(16, max_batch + 16, 16)) if max_batch > 8 else sizes + [max_batch]
+
+
+def block_table_array(block_tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables padded with 0 into one ``[rows, max_blocks]`` array, and each row's length."""
+    lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
+    table = np.zeros((len(block_tables), int(lengths.max())), dtype=np.int64)
+    table[np.arange(table.shape[1]) < lengths[:, None]] = np.fromiter(
+        chain.from_iterable(block_tables), dtype=np.int64, count=int(lengths.sum()))
+    return table, lengths
 
 
 class ModelRunner:
@@ -73,8 +86,14 @@ class ModelRunner:
         logger.info("After model loading - %s", memory_summary(self.device))
         self.sampler = Sampler(config.seed)
         self._sampling_cache: tuple[list[int], SamplingBatch] | None = None
+        # The latest step's sampled tokens on the device and the row of each sequence in them (rank 0).
+        self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._allocate_kv_cache()
+        if config.max_num_seqs is None:
+            config.max_num_seqs = config.default_max_num_seqs(self.num_blocks)
+            if rank == 0:
+                logger.info("Running set: max_num_seqs=%d (fitted to the KV cache)", config.max_num_seqs)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, cascade) -> graph
         if not config.enforce_eager and self.device.type == "cuda":
             self._capture_cudagraphs()
@@ -100,7 +119,7 @@ class ModelRunner:
         if config.num_kvcache_blocks:
             return config.num_kvcache_blocks
         if self.device.type == "cpu":
-            wanted = config.max_num_seqs * config.max_blocks_per_seq
+            wanted = config.max_num_seqs_limit * config.max_blocks_per_seq
             return max(config.max_blocks_per_seq, min(wanted, CPU_KV_CACHE_BYTES // self._block_bytes()))
         self._profile_peak_memory()
         free, total = torch.cuda.mem_get_info(self.device)
@@ -117,15 +136,15 @@ class ModelRunner:
         config = self.config
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        seq_len = config.max_model_len
-        num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs))
+        seq_len = min(config.max_model_len, config.max_num_batched_tokens)
+        num_seqs = max(1, min(config.max_num_batched_tokens // seq_len, config.max_num_seqs_limit))
         cu = torch.arange(0, (num_seqs + 1) * seq_len, seq_len, dtype=torch.int32, device=self.device)
         set_context(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=seq_len, max_seqlen_k=seq_len)
         input_ids = torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=self.device)
         positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
         self.model.compute_logits(self.model(input_ids, positions))
         reset_context()
-        n = config.max_num_seqs
+        n = config.max_num_seqs_limit
         logits = torch.randn(n, config.hf_config.vocab_size, device=self.device)
         ones = torch.ones(n, device=self.device)
         self.sampler(logits, SamplingBatch(ones, ones.int(), ones * 0.9, ones * 0.1, -ones.long(), ones.long(),
@@ -156,68 +175,79 @@ class ModelRunner:
         return num_blocks
 
     # ----- inputs ---------------------------------------------------------------------------------
-    def _to_device(self, data, dtype: torch.dtype) -> torch.Tensor:
-        pin = self.device.type == "cuda"
-        return torch.as_tensor(np.asarray(data), dtype=dtype).pin_memory().to(self.device, non_blocking=True) \
-            if pin else torch.as_tensor(np.asarray(data), dtype=dtype)
+    def _upload(self, *arrays: np.ndarray, dtype: type = np.int64) -> list[torch.Tensor]:
+        """Copy the arrays to the device in one transfer (pinned and non-blocking on CUDA); a view per array,
+        each starting UPLOAD_ALIGN_BYTES-aligned."""
+        align = UPLOAD_ALIGN_BYTES // np.dtype(dtype).itemsize
+        offsets = np.cumsum([0] + [-(-a.size // align) * align for a in arrays])
+        flat = np.zeros(offsets[-1], dtype=dtype)
+        for a, start in zip(arrays, offsets):
+            flat[start:start + a.size] = a.ravel()
+        device = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            device = device.pin_memory().to(self.device, non_blocking=True)
+        return [device[start:start + a.size].view(a.shape) for a, start in zip(arrays, offsets)]
 
-    def _block_table_array(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
-        """Block tables padded with 0 into one ``[n, max_blocks]`` array, built without a per-row loop, and
-        each row's length."""
-        lengths = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=len(seqs))
-        flat = np.fromiter(chain.from_iterable(s.block_table for s in seqs), dtype=np.int32, count=int(lengths.sum()))
-        table = np.zeros((len(seqs), int(lengths.max())), dtype=np.int32)
-        rows = np.repeat(np.arange(len(seqs)), lengths)
-        table[rows, np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = flat
-        return table, lengths
+    def _pending_inputs(self, batch: SchedulerOutput, input_ids: np.ndarray, token_rows: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Where ``input_ids`` hold PENDING_TOKEN, and the row of each such token's sequence in the latest
+        step's sampled tokens (async scheduling: the value is still on the device)."""
+        where = np.flatnonzero(input_ids == PENDING_TOKEN)
+        if not len(where):
+            return where, where
+        rows = self._last_sampled[1]
+        return where, np.fromiter((rows[batch.seqs[r].seq_id] for r in token_rows[where]), np.int64, len(where))
 
-    def _prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        new_lens = np.array([len(s) - s.num_cached_tokens for s in seqs])
-        input_ids = np.concatenate([s.token_ids[s.num_cached_tokens:] for s in seqs])
-        starts = np.repeat([s.num_cached_tokens for s in seqs], new_lens)
-        offsets = np.arange(len(input_ids)) - np.repeat(np.cumsum(new_lens) - new_lens, new_lens)
-        positions = starts + offsets
-        tables, _ = self._block_table_array(seqs)
-        rows = np.repeat(np.arange(len(seqs)), new_lens)
-        slot_mapping = tables[rows, positions // self.block_size] * self.block_size + positions % self.block_size
+    def _feed_pending(self, input_ids: torch.Tensor, where: torch.Tensor, rows: torch.Tensor) -> None:
+        if where.numel():
+            input_ids.index_copy_(0, where, self._last_sampled[0].index_select(0, rows))
+
+    def _prepare_prefill(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of a batch with prompt tokens: every row's new tokens packed back to back, attending to its
+        whole context in the paged cache (the context of a decode row is all but its one new token)."""
+        starts = np.array(batch.num_computed_tokens, dtype=np.int64)
+        new_lens = np.array(batch.num_scheduled_tokens, dtype=np.int64)
         cu_seqlens_q = np.concatenate([[0], np.cumsum(new_lens)])
-        context_lens = [len(s) for s in seqs]
-        set_context(is_prefill=True, cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
-                    max_seqlen_q=int(new_lens.max()), max_seqlen_k=max(context_lens),
-                    has_cached_prefix=any(s.num_cached_tokens for s in seqs),
-                    slot_mapping=self._to_device(slot_mapping, torch.int64),
-                    context_lens=self._to_device(context_lens, torch.int32),
-                    block_tables=self._to_device(tables, torch.int32))
+        num_tokens = int(cu_seqlens_q[-1])
+        token_rows = np.repeat(np.arange(batch.num_rows), new_lens)
+        positions = np.arange(num_tokens) + np.repeat(starts - cu_seqlens_q[:-1], new_lens)
+        tables, _ = block_table_array(batch.block_tables)
+        slot_mapping = tables[token_rows, positions // self.block_size] * self.block_size + positions % self.block_size
+        context_lens = starts + new_lens
+        input_ids = np.fromiter(chain.from_iterable(batch.token_ids), dtype=np.int64, count=num_tokens)
+        pending = self._pending_inputs(batch, input_ids, token_rows)
+        ids_d, positions_d, slots_d, *pending_d = self._upload(input_ids, positions, slot_mapping, *pending)
+        cu_d, context_d, tables_d = self._upload(cu_seqlens_q, context_lens, tables, dtype=np.int32)
+        self._feed_pending(ids_d, *pending_d)
+        set_context(is_prefill=True, cu_seqlens_q=cu_d, max_seqlen_q=int(new_lens.max()),
+                    max_seqlen_k=int(context_lens.max()), has_cached_prefix=bool(starts.any()),
+                    slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] PREFILL tensors: input_ids=[%d], positions=[%d], slot_mapping=[%d]",
-                         self.rank, len(input_ids), len(positions), len(slot_mapping))
+                         self.rank, num_tokens, num_tokens, num_tokens)
             logger.debug("[Rank %d] PREFILL: max_seqlen_q=%d, max_seqlen_k=%d, total_tokens=%d",
-                         self.rank, new_lens.max(), max(context_lens), len(input_ids))
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64)
+                         self.rank, new_lens.max(), context_lens.max(), num_tokens)
+        return ids_d, positions_d
 
-    def _prepare_decode(self, seqs: list[Sequence], previous: tuple[torch.Tensor, list[int]] | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode inputs. With ``previous = (sampled, rows)`` the input tokens are not known on the host yet: row
-        ``rows[i]`` of the previous step's device-side ``sampled`` tokens feeds sequence i."""
-        n, (tables, lengths) = len(seqs), self._block_table_array(seqs)
-        packed = np.empty(4 * n + tables.size + 1, dtype=np.int64)  # one host-to-device copy per step
-        rows = packed[:4 * n].reshape(4, n)
-        rows[0] = [s.last_token for s in seqs] if previous is None else previous[1]
-        rows[3] = [len(s) for s in seqs]
-        rows[1] = rows[3] - 1
-        rows[2] = [s.block_table[-1] * self.block_size + s.last_block_num_tokens - 1 for s in seqs]
-        packed[4 * n:-1] = tables.ravel()
-        packed[-1] = shared = shared_prefix_blocks(tables, lengths) if self._cascade(n) else 0
-        device = self._to_device(packed, torch.int64)
-        input_ids, positions, slot_mapping, context_lens = device[:4 * n].view(4, n)
-        if previous is not None:
-            input_ids = previous[0].index_select(0, input_ids)
-        set_context(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
-                    block_tables=device[4 * n:-1].view(tables.shape), shared_blocks=device[-1:] if shared else None)
+    def _prepare_decode(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs of a decode-only batch (one token per row), in one host-to-device copy."""
+        n = batch.num_rows
+        positions = np.array(batch.num_computed_tokens, dtype=np.int64)
+        tables, lengths = block_table_array(batch.block_tables)
+        slot_mapping = tables[np.arange(n), positions // self.block_size] * self.block_size \
+            + positions % self.block_size
+        input_ids = np.fromiter((t[0] for t in batch.token_ids), dtype=np.int64, count=n)
+        shared = np.array([shared_prefix_blocks(tables, lengths) if self._cascade(n) else 0])
+        pending = self._pending_inputs(batch, input_ids, np.arange(n))
+        ids_d, positions_d, slots_d, context_d, tables_d, shared_d, *pending_d = self._upload(
+            input_ids, positions, slot_mapping, positions + 1, tables, shared, *pending)
+        self._feed_pending(ids_d, *pending_d)
+        set_context(is_prefill=False, slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d,
+                    shared_blocks=shared_d if shared[0] else None)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] DECODE tensors: input_ids=[%d], positions=[%d], context_lens=[%d], "
-                         "block_tables=%s, shared_prefix_blocks=%d", self.rank, n, n, n, list(tables.shape), shared)
-        return input_ids, positions
+                         "block_tables=%s, shared_prefix_blocks=%d", self.rank, n, n, n, list(tables.shape), shared[0])
+        return ids_d, positions_d
 
     def _cascade(self, batch: int) -> bool:
         """Whether a decode batch of this size may attend to its shared prefix blocks once (cascade attention):
@@ -225,50 +255,67 @@ class ModelRunner:
         with and without it, so batches with no shared prefix pay nothing for it."""
         return Attention.backend == "triton" and batch >= CASCADE_MIN_BATCH
 
-    def _prepare_sampling(self, seqs: list[Sequence]) -> SamplingBatch:
-        """Per-row sampling tensors; reused while the batch is unchanged (seeded rows need fresh positions)."""
+    def _prepare_sampling(self, batch: SchedulerOutput) -> SamplingBatch:
+        """Per-row sampling tensors of the rows that sample; reused while those sequences are unchanged (seeded
+        rows need fresh positions)."""
+        seqs = batch.sampling_seqs
         key = [s.seq_id for s in seqs]
         if self._sampling_cache is not None and self._sampling_cache[0] == key \
                 and not self._sampling_cache[1].any_seeded:
             return self._sampling_cache[1]
         params = [s.params for s in seqs]
+        ends = [c + n for c, n, sample in zip(batch.num_computed_tokens, batch.num_scheduled_tokens, batch.sample)
+                if sample]
         floats = np.array([[p.temperature for p in params], [p.top_p for p in params],
                            [p.min_p for p in params]], dtype=np.float32)
         ints = np.array([[p.top_k for p in params], [-1 if p.seed is None else p.seed for p in params],
-                         [len(s) - s.num_prompt_tokens for s in seqs]], dtype=np.int64)  # pending ones count
-        temps, top_ps, min_ps = self._to_device(floats, torch.float32)
-        top_ks, seeds, positions = self._to_device(ints, torch.int64)
-        batch = SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, positions,
-                              all_greedy=not floats[0].any(), any_greedy=not floats[0].all(),
-                              use_top_k_top_p=bool((ints[0] > 0).any() or (floats[1] < 1).any()),
-                              use_min_p=bool(floats[2].any()), any_seeded=bool((ints[1] >= 0).any()))
-        self._sampling_cache = (key, batch)
-        return batch
+                         [end - s.num_prompt_tokens for end, s in zip(ends, seqs)]], dtype=np.int64)
+        temps, top_ps, min_ps = self._upload(floats, dtype=np.float32)[0]
+        top_ks, seeds, positions = self._upload(ints)[0]
+        sampling = SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, positions,
+                                 all_greedy=not floats[0].any(), any_greedy=not floats[0].all(),
+                                 use_top_k_top_p=bool((ints[0] > 0).any() or (floats[1] < 1).any()),
+                                 use_min_p=bool(floats[2].any()), any_seeded=bool((ints[1] >= 0).any()))
+        self._sampling_cache = (key, sampling)
+        return sampling
 
     # ----- forward --------------------------------------------------------------------------------
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
-        """One engine step on this rank: returns the sampled token per sequence (rank 0), else None."""
-        sampled = self.launch(seqs, is_prefill)
+    def run(self, batch: SchedulerOutput) -> list[int] | None:
+        """One engine step on this rank: returns the token sampled by each sampling row (rank 0), else None."""
+        sampled = self.launch(batch)
         return sampled.tolist() if sampled is not None else None
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], is_prefill: bool,
-               previous: tuple[torch.Tensor, list[int]] | None = None) -> SampledTokens | None:
+    def launch(self, batch: SchedulerOutput) -> SampledTokens | None:
         """Queue one step's forward and sampling on the device without waiting for them; rank 0 gets the
-        sampled tokens back (see :meth:`_prepare_decode` for ``previous``)."""
-        phase = "PREFILL" if is_prefill else "DECODE"
+        sampled tokens back, one per sampling row. A row whose input is PENDING_TOKEN reads it from the
+        previous launch's sampled tokens on the device."""
+        phase = batch.phase.upper()
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("[Rank %d] Preparing %s batch: %d sequences", self.rank, phase, len(seqs))
-        input_ids, positions = self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs, previous)
-        sampling = self._prepare_sampling(seqs) if self.rank == 0 else None
+            logger.debug("[Rank %d] Preparing %s batch: %d sequences", self.rank, phase, batch.num_rows)
+        input_ids, positions = self._prepare_decode(batch) if batch.is_decode_only else self._prepare_prefill(batch)
+        num_sampled = sum(batch.sample)  # (not len(batch.sampling_seqs): workers get no Sequence objects)
+        sampling = self._prepare_sampling(batch) if self.rank == 0 and num_sampled else None
         with timed(logger, self.device, "[Rank %d] Model forward %s", self.rank, phase):
-            logits = self._forward(input_ids, positions, is_prefill)
+            hidden = self._forward(input_ids, positions, batch.is_decode_only)
+            logits = self.model.compute_logits(hidden) if num_sampled else None  # one row per batch row
         if logger.isEnabledFor(logging.DEBUG) and logits is not None:
             logger.debug("[Rank %d] Output: logits=%s", self.rank, list(logits.shape))
         reset_context()
         if self.rank != 0:
             return None
-        sampled = self.sampler(logits, sampling)
+        # Only the last row can be a chunk that stops short of its sequence's end (it used up the budget).
+        return self._sample(batch, logits[:num_sampled] if num_sampled else None, sampling)
+
+    def _sample(self, batch: SchedulerOutput, logits: torch.Tensor | None, sampling: SamplingBatch | None
+                ) -> SampledTokens:
+        """Sample the sampling rows' tokens and start their copy to the host; they stay on the device as the
+        next launch's pending inputs."""
+        if logits is None:
+            sampled = torch.empty(0, dtype=torch.int64, device=self.device)
+        else:
+            sampled = self.sampler(logits, sampling)
+        self._last_sampled = sampled, {seq.seq_id: i for i, seq in enumerate(batch.sampling_seqs)}
         if self.device.type != "cuda":
             return SampledTokens(sampled, sampled, None)
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
@@ -277,17 +324,16 @@ class ModelRunner:
         ready.record()
         return SampledTokens(sampled, host, ready)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool) -> torch.Tensor | None:
-        bs = input_ids.shape[0]
-        if is_prefill or not self.graphs or bs > self.graph_sizes[-1]:
-            return self.model.compute_logits(self.model(input_ids, positions))
-        return self.model.compute_logits(self._replay(input_ids, positions))
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode_only: bool) -> torch.Tensor:
+        if decode_only and self.graphs and input_ids.shape[0] <= self.graph_sizes[-1]:
+            return self._replay(input_ids, positions)
+        return self.model(input_ids, positions)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------
     @torch.inference_mode()
     def _capture_cudagraphs(self) -> None:
         config = self.config
-        self.graph_sizes = graph_batch_sizes(config.max_num_seqs)
+        self.graph_sizes = graph_batch_sizes(min(config.max_num_seqs, MAX_GRAPH_BATCH))
         max_bs, hidden = self.graph_sizes[-1], config.hf_config.hidden_size
         self.graph_buffers = dict(
             input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),

@@ -1,26 +1,24 @@
-"""Chooses each step's batch: a prefill of waiting sequences if any fit, else one decode token for every
-running sequence, preempting (and later recomputing) the newest ones when the KV cache runs out.
+"""Chooses each step's batch under one token budget (``max_num_batched_tokens``): first one decode token for
+every running sequence that has sampled, then the next chunks of running sequences still prefilling, then
+waiting prompts (whole, or a first chunk when the budget left is smaller). A prompt longer than the budget is
+thus prefilled over several steps. When the KV cache runs out, the newest sequences not yet in the batch are
+preempted and later recomputed. ``max_num_seqs`` bounds the running set.
 
-With async scheduling the engine asks for the next decode batch while the current step still runs on the
-GPU (:meth:`Scheduler.schedule_next_decode`): its sequences then hold a *pending* token, counted in their
-length but not yet known. Sequences sure to finish with the pending token (length limits) are left out; one
-that stops on a sampled token (EOS, stop token) is found one step late and its extra token is dropped."""
+With async scheduling the engine asks for the next batch while the current step still runs on the device:
+its sequences then hold a *pending* token, counted in their length but not yet known (the runner feeds it to
+the next step on the device). Sequences sure to finish with the pending token (length limits) are left out;
+one that stops on a sampled token (EOS, stop token) is found one step late and its extra token is dropped."""
 import logging
 from collections import deque
 
 from engine.block_manager import BlockManager
 from engine.config import Config
 from engine.logger import get_logger
+from engine.outputs import PENDING_TOKEN, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 
 logger = get_logger(__name__)
 MAX_LISTED_SEQS = 8
-
-
-def describe_batch(seqs: list[Sequence], prefill: bool) -> str:
-    shown = ", ".join(s.describe(prefill) for s in seqs[:MAX_LISTED_SEQS])
-    more = f", ... (+{len(seqs) - MAX_LISTED_SEQS} more)" if len(seqs) > MAX_LISTED_SEQS else ""
-    return f"[{shown}{more}]"
 
 
 class Scheduler:
@@ -32,7 +30,6 @@ class Scheduler:
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
-        self.num_preempted_last_step = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -40,84 +37,98 @@ class Scheduler:
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        self.num_preempted_last_step = 0
-        seqs = self._schedule_prefill()
-        if seqs:
-            return seqs, True
-        seqs = self._schedule_decode()
-        if not seqs:
-            raise RuntimeError("scheduler made no progress: no waiting sequence fits in the free KV cache "
-                               f"({self.block_manager.num_free_blocks} free blocks) and none is running")
-        return seqs, False
+    def schedule(self) -> SchedulerOutput:
+        """The next step's batch (empty when nothing can run now). Scheduled tokens count as computed from
+        here on, and a row that samples adds a pending token to its sequence."""
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens, decoding=True)
+        out.num_decode_rows = out.num_rows
+        budget = self._schedule_running(out, budget, decoding=False)
+        if not out.num_preempted:
+            self._schedule_waiting(out, budget)
+        self._log(out)
+        return out
 
-    def _schedule_prefill(self) -> list[Sequence]:
-        scheduled, num_tokens = [], 0
-        while self.waiting and len(scheduled) < self.max_num_seqs:
-            seq = self.waiting[0]
-            fits, cached = self.block_manager.can_allocate(seq)
-            if not fits or num_tokens + len(seq) - cached > self.max_num_batched_tokens:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, decoding: bool) -> int:
+        """Rows for the running sequences that are (or are not) decoding; returns the budget left."""
+        for seq in [s for s in self.running if s.is_decoding == decoding]:
+            if not budget:
                 break
-            self.block_manager.allocate(seq)
+            if seq.status != SequenceStatus.RUNNING or self._finishes_with_pending(seq):
+                continue  # preempted for an earlier row of this step, or done once its pending token is back
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if self._allocate_or_preempt(out, seq, num_tokens):
+                self._add_row(out, seq, num_tokens)
+                budget -= num_tokens
+        return budget
+
+    def _allocate_or_preempt(self, out: SchedulerOutput, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for ``num_tokens`` more tokens of ``seq``, preempting the newest running sequences not in the
+        batch yet until they fit; when none is left, ``seq`` itself is preempted (returns False)."""
+        while not self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens):
+            in_batch = {s.seq_id for s in out.seqs}
+            victim = next((s for s in reversed(self.running) if s is not seq and s.seq_id not in in_batch), seq)
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting sequences in order while the budget, the running limit and the KV cache allow."""
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.num_pending:
+                break  # preempted while its last token was in flight: recomputed once that token is known
+            cached = self.block_manager.cached_prefix(seq)
+            num_cached_tokens = len(cached) * self.block_manager.block_size
+            num_tokens = min(len(seq) - num_cached_tokens, budget)
+            if not self.block_manager.allocate(seq, num_cached_tokens + num_tokens, cached):
+                break
+            seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
             if seq.first_cached_tokens is None:
-                seq.first_cached_tokens = seq.num_cached_tokens
-            num_tokens += len(seq) - seq.num_cached_tokens
+                seq.first_cached_tokens = num_cached_tokens
+            out.num_cached_tokens += num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
-            scheduled.append(seq)
-        if scheduled and logger.isEnabledFor(logging.INFO):
-            logger.info("Scheduled PREFILL batch: size=%d, batched_tokens=%d, seqs=%s",
-                        len(scheduled), num_tokens, describe_batch(scheduled, True))
-        return scheduled
+            self._add_row(out, seq, num_tokens)
+            budget -= num_tokens
 
-    def schedule_next_decode(self, current: list[Sequence]) -> list[Sequence] | None:
-        """The decode batch to launch after ``current`` before its tokens are known, or None when the next step
-        must wait for them: sequences are waiting (a prefill may be due), some running sequence was not in
-        ``current`` (its input token would come from elsewhere), or nothing would be left to run."""
-        if self.waiting or len(self.running) > self.max_num_seqs:
-            return None
-        in_current = {s.seq_id for s in current}
-        finishing = {s.seq_id for s in self.running if self._finishes_with_pending(s)}
-        if len(finishing) == len(self.running) or any(
-                s.seq_id not in in_current for s in self.running if s.seq_id not in finishing):
-            return None
-        self.num_preempted_last_step = 0
-        return self._schedule_decode(finishing) or None
+    def _add_row(self, out: SchedulerOutput, seq: Sequence, num_tokens: int) -> None:
+        start = seq.num_computed_tokens
+        token_ids = seq.token_ids[start:start + num_tokens]
+        if len(token_ids) < num_tokens:  # a decode row fed the token the step in flight is sampling
+            token_ids.append(PENDING_TOKEN)
+        sample = start + num_tokens == len(seq)
+        out.add_row(seq, token_ids, sample)
+        seq.num_computed_tokens += num_tokens
+        seq.num_pending += sample
+        self.block_manager.register_computed_blocks(seq)
 
     def _finishes_with_pending(self, seq: Sequence) -> bool:
-        return len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
+        return seq.num_pending > 0 and (len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens
+                                        or len(seq) >= self.max_model_len)
 
-    def _schedule_decode(self, skip: set[int] = frozenset()) -> list[Sequence]:
-        """One token for every running sequence (but those in ``skip``), preempting the newest when needed."""
-        scheduled, skipped = [], []
-        while self.running and len(scheduled) < self.max_num_seqs:
-            seq = self.running.popleft()
-            if seq.seq_id in skip:
-                skipped.append(seq)
-                continue
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled + skipped))
-        if self.num_preempted_last_step:
-            logger.warning("KV cache full: preempted %d sequence(s) for recomputation (free_blocks=%d)",
-                           self.num_preempted_last_step, self.block_manager.num_free_blocks)
-        if scheduled and logger.isEnabledFor(logging.INFO):
-            logger.info("Scheduled DECODE batch: size=%d, preempted=%d, seqs=%s",
-                        len(scheduled), self.num_preempted_last_step, describe_batch(scheduled, False))
-        return scheduled
-
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         seq.status = SequenceStatus.WAITING
-        self.block_manager.deallocate(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        self.running.remove(seq)
         self.waiting.appendleft(seq)
-        self.num_preempted_last_step += 1
+        out.num_preempted += 1
+
+    def _log(self, out: SchedulerOutput) -> None:
+        if out.num_preempted:
+            logger.warning("KV cache full: preempted %d sequence(s) for recomputation (free_blocks=%d)",
+                           out.num_preempted, self.block_manager.num_free_blocks)
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        if out.num_decode_rows:
+            logger.info("Scheduled DECODE batch: size=%d, preempted=%d, seqs=%s", out.num_decode_rows,
+                        out.num_preempted, describe_rows(out, range(out.num_decode_rows)))
+        if not out.is_decode_only:
+            prefill = range(out.num_decode_rows, out.num_rows)
+            logger.info("Scheduled PREFILL batch: size=%d, batched_tokens=%d, seqs=%s", len(prefill),
+                        sum(out.num_scheduled_tokens[i] for i in prefill), describe_rows(out, prefill))
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
         """Append each sampled token; finish sequences that hit EOS, a stop token or a length limit. Sequences
@@ -149,8 +160,25 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.num_pending = 0
-        self.block_manager.deallocate(seq)
+        self.block_manager.free(seq)
         (self.running if seq in self.running else self.waiting).remove(seq)  # preempted while in flight
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("Sequence finished: seq_id=%d, output_len=%d, reason=%s",
                          seq.seq_id, seq.num_completion_tokens, reason)
+
+
+def describe_rows(out: SchedulerOutput, rows: range) -> str:
+    """``[seq_N(len=L), ...]`` for decode rows; prefill rows add their prefix-cache hits and, for a chunk of
+    the tokens left, its positions ``chunk=start:end``. The first MAX_LISTED_SEQS rows, then a count."""
+    shown = []
+    for i in rows[:MAX_LISTED_SEQS]:
+        seq, start = out.seqs[i], out.num_computed_tokens[i]
+        end = start + out.num_scheduled_tokens[i]
+        if i < out.num_decode_rows:
+            shown.append(f"seq_{seq.seq_id}(len={end})")
+            continue
+        length = len(seq) - out.sample[i]  # its tokens before this row's sample
+        chunk = "" if start == seq.num_cached_tokens and end == length else f",chunk={start}:{end}"
+        shown.append(f"seq_{seq.seq_id}(len={length},cached={seq.num_cached_tokens}{chunk})")
+    more = f", ... (+{len(rows) - MAX_LISTED_SEQS} more)" if len(rows) > MAX_LISTED_SEQS else ""
+    return f"[{', '.join(shown)}{more}]"

@@ -21,11 +21,13 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
-        self.num_cached_tokens = 0  # prefix-cache hits at the latest scheduling
-        self.first_cached_tokens: int | None = None  # hits at first scheduling (reported to the user)
+        self.num_computed_tokens = 0  # leading tokens whose K/V are in the cache or computed by a launched step
+        self.num_cached_tokens = 0  # prefix-cache hits at the latest admission
+        self.first_cached_tokens: int | None = None  # hits at first admission (reported to the user)
         self.block_size = block_size
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the leading full blocks (the block manager's cache)
+        self.num_registered_blocks = 0  # leading blocks of block_table in the prefix-cache index
         self.num_pending = 0  # tokens sampled by launched steps whose values are not back yet
         self.params = params
         self.finish_reason: str | None = None  # "eos" | "stop" | "max_tokens" | "max_model_len"
@@ -52,16 +54,14 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens to forward before the next one can be sampled."""
+        return len(self) - self.num_computed_tokens
 
     @property
-    def num_blocks(self) -> int:
-        return -(-len(self) // self.block_size)
-
-    @property
-    def last_block_num_tokens(self) -> int:
-        return len(self) - (self.num_blocks - 1) * self.block_size
+    def is_decoding(self) -> bool:
+        """Every token is computed but the last, a sampled one: the next step feeds it back."""
+        return self.num_computed_tokens == len(self) - 1 >= self.num_prompt_tokens
 
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
@@ -72,8 +72,3 @@ class Sequence:
         self.num_pending = max(0, self.num_pending - 1)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-
-    def describe(self, prefill: bool) -> str:
-        if prefill:
-            return f"seq_{self.seq_id}(len={len(self)},cached={self.num_cached_tokens})"
-        return f"seq_{self.seq_id}(len={len(self)})"

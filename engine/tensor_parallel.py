@@ -1,50 +1,23 @@
 """Tensor parallelism: rank 0 (this process) drives the schedule; ranks 1..N-1 are worker processes that
-mirror every forward. Each step rank 0 sends the workers a compact batch description over a pipe; the ranks
-exchange activations through torch.distributed collectives (NCCL on CUDA, gloo on CPU)."""
+mirror every forward. Each step rank 0 sends the workers the scheduler's batch (without its Sequence objects)
+over a pipe; the ranks exchange activations through torch.distributed collectives (NCCL on CUDA, gloo on CPU)."""
 import multiprocessing as mp
 import os
 import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from engine.config import Config
 from engine.logger import get_logger
 from engine.model_runner import ModelRunner
-from engine.sequence import Sequence
+from engine.outputs import SchedulerOutput
 
 logger = get_logger(__name__)
 # NVLink multicast (NVLS / symmetric-memory multicast) must stay off on the shared GPU hosts.
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-
-
-@dataclass
-class SeqState:
-    """What a worker rank needs of a sequence to build the same input tensors as rank 0."""
-    token_ids: list[int]          # prefill: every token; decode: only the last one
-    length: int
-    num_cached_tokens: int
-    block_table: list[int]
-    block_size: int
-
-    def __len__(self) -> int:
-        return self.length
-
-    @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
-
-    @property
-    def last_block_num_tokens(self) -> int:
-        return self.length - (len(self.block_table) - 1) * self.block_size
-
-    @classmethod
-    def of(cls, seq: Sequence, is_prefill: bool) -> "SeqState":
-        tokens = seq.token_ids if is_prefill else [seq.last_token]
-        return cls(tokens, len(seq), seq.num_cached_tokens, seq.block_table, seq.block_size)
 
 
 def _free_port() -> int:
@@ -81,8 +54,7 @@ def _worker_main(config: Config, rank: int, port: int, conn, parent_pid: int) ->
                 break
             if message is None:
                 break
-            seqs, is_prefill = message
-            runner.run(seqs, is_prefill)
+            runner.run(message)
     finally:
         dist.destroy_process_group()
 
@@ -115,13 +87,13 @@ class TensorParallelRunner(ModelRunner):
                     " (replicated)" if config.hf_config.num_key_value_heads < config.tensor_parallel_size else "",
                     self.model.model.embed_tokens.shard_size)
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
-        states = [SeqState.of(s, is_prefill) for s in seqs]
+    def run(self, batch: SchedulerOutput) -> list[int] | None:
+        message = batch.for_workers()
         for proc, conn in zip(self.workers, self.conns):
             if not proc.is_alive():
                 raise RuntimeError(f"tensor-parallel worker {proc.name} died (exit code {proc.exitcode})")
-            conn.send((states, is_prefill))
-        return super().run(seqs, is_prefill)
+            conn.send(message)
+        return super().run(batch)
 
     def shutdown(self) -> None:
         """Stop the worker ranks and leave the process group; safe to call twice."""

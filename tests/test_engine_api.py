@@ -59,7 +59,7 @@ def test_chat_prompt_uses_template(llm):
 
 def test_preemption_under_tiny_cache_matches_hf(tiny_models):
     path = tiny_models["llama"]
-    llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=6)
+    llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=6, max_num_seqs=4)
     records = []
     llm.add_step_callback(records.append)
     prompts = [[5 + i + j for j in range(20)] for i in range(4)]

@@ -10,7 +10,8 @@ SCRIPT = """
 import sys
 {pre}
 from nanovllm import LLM, SamplingParams
-llm = LLM(sys.argv[1], device="cpu", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=5)
+llm = LLM(sys.argv[1], device="cpu", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=5, max_num_seqs=3,
+          max_num_batched_tokens=32)
 llm.generate([[5] * 20, [5] * 20 + [6] * 9, [7] * 30], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
              use_tqdm=False)
 print("RESULT-ON-STDOUT")
@@ -55,6 +56,8 @@ EXPECTED_DEBUG = [  # (guide stage, a line that must appear)
     ("generate", r"\[INFO\] Starting generation for 3 prompts"),
     ("generate", r"\[INFO\] Total prompt tokens: 79"),
     ("prefill", r"\[INFO\] Scheduled PREFILL batch: size=\d, batched_tokens=\d+, seqs=\[seq_\d+\(len=20,cached=0\)"),
+    ("prefill", r"\[INFO\] Scheduled PREFILL batch: size=\d, batched_tokens=\d+, seqs=\[.*"
+                r"seq_\d+\(len=29,cached=16,chunk=16:28\)"),
     ("prefill", r"\[DEBUG\] \[Rank 0\] Preparing PREFILL batch: \d sequences"),
     ("prefill", r"\[DEBUG\] \[Rank 0\] PREFILL tensors: input_ids=\[\d+\], positions=\[\d+\], slot_mapping=\[\d+\]"),
     ("prefill", r"\[DEBUG\] \[Rank 0\] PREFILL: max_seqlen_q=\d+, max_seqlen_k=\d+, total_tokens=\d+"),

@@ -1,37 +1,76 @@
+"""The scheduler alone (no model): one token budget per step, chunked prefill, preemption, the running limit,
+prefix-cache hits, and the invariants of every SchedulerOutput over randomized runs."""
+import random
+
+import pytest
+
 from engine import SamplingParams
+from engine.outputs import PENDING_TOKEN, SchedulerOutput
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
+
+BS = 16
 
 
 class FakeConfig:
     max_num_seqs = 8
     max_num_batched_tokens = 64
-    max_model_len = 64
-    kvcache_block_size = 16
+    max_model_len = 256
+    kvcache_block_size = BS
     enable_prefix_caching = True
 
 
-def make(n_blocks=4):
-    return Scheduler(FakeConfig(), n_blocks, eos_token_ids={0})
+def make(n_blocks=16, **overrides):
+    config = FakeConfig()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return Scheduler(config, n_blocks, eos_token_ids={0})
 
 
 def seq(n, first=1, **kw):
-    return Sequence(list(range(first, first + n)), SamplingParams(**{"max_tokens": 40, **kw}), 16)
+    return Sequence(list(range(first, first + n)), SamplingParams(**{"max_tokens": 40, **kw}), BS)
 
 
-def test_prefill_respects_token_budget_then_decodes():
-    sch = make(n_blocks=16)
-    a, b, c = seq(30), seq(30, first=100), seq(30, first=200)  # distinct: no prefix-cache hits
-    for s in (a, b, c):
-        sch.add(s)
-    batch, prefill = sch.schedule()
-    assert prefill and batch == [a, b]             # 90 tokens exceed the 64-token budget
-    sch.postprocess(batch, [5, 5])
-    batch, prefill = sch.schedule()
-    assert prefill and batch == [c]
-    sch.postprocess(batch, [5])
-    batch, prefill = sch.schedule()
-    assert not prefill and batch == [a, b, c]
+def rows(out: SchedulerOutput) -> list[tuple[int, int, int, bool]]:
+    """(seq_id, start, new tokens, samples) per row."""
+    return [(s.seq_id, c, n, smp) for s, c, n, smp in
+            zip(out.seqs, out.num_computed_tokens, out.num_scheduled_tokens, out.sample)]
+
+
+def step(sch, token=5):
+    out = sch.schedule()
+    sch.postprocess(out.sampling_seqs, [token] * len(out.sampling_seqs))
+    return out
+
+
+def test_one_budget_decodes_first_then_chunks_then_waiting():
+    sch = make()
+    a, b = seq(30), seq(100, first=100)
+    sch.add(a)
+    sch.add(b)
+    out = step(sch)                                # a whole (30), then b's first chunk (34): 64 tokens
+    assert rows(out) == [(a.seq_id, 0, 30, True), (b.seq_id, 0, 34, False)] and out.phase == "prefill"
+    assert out.token_ids[1] == b.token_ids[:34] and b.num_pending == 0 and len(a.completion_token_ids) == 1
+    c = seq(20, first=300)
+    sch.add(c)
+    out = step(sch)                                # a's decode, b's next chunk fills the rest; c waits
+    assert rows(out) == [(a.seq_id, 30, 1, True), (b.seq_id, 34, 63, False)] and out.num_decode_rows == 1
+    out = step(sch)                                # b's last 3 tokens sample; c is admitted whole
+    assert rows(out) == [(a.seq_id, 31, 1, True), (b.seq_id, 97, 3, True), (c.seq_id, 0, 20, True)]
+    out = step(sch)
+    assert out.is_decode_only and out.phase == "decode" and [r[2] for r in rows(out)] == [1, 1, 1]
+
+
+def test_prompt_longer_than_budget_completes_in_chunks():
+    sch = make(max_num_batched_tokens=32)
+    s = seq(200)
+    sch.add(s)
+    starts = []
+    while not s.completion_token_ids:
+        out = step(sch)
+        starts.append(out.num_computed_tokens[0])
+        assert out.total_num_scheduled_tokens <= 32 and out.sample == [s.num_computed_tokens == 200]
+    assert starts == list(range(0, 200, 32)) and len(s.block_table) == 13
 
 
 def test_preemption_when_blocks_run_out_and_recompute():
@@ -39,45 +78,171 @@ def test_preemption_when_blocks_run_out_and_recompute():
     a, b = seq(32), seq(32, first=100)             # 2 full blocks each: the cache is full
     sch.add(a)
     sch.add(b)
-    batch, _ = sch.schedule()
-    sch.postprocess(batch, [7, 7])                 # both now need a third block
-    batch, prefill = sch.schedule()
-    assert not prefill and batch == [a]
-    assert sch.num_preempted_last_step == 1 and b.status == SequenceStatus.WAITING and not b.block_table
-    assert list(sch.waiting) == [b]
+    step(sch, token=7)                             # both now need a third block
+    out = step(sch)
+    assert rows(out) == [(a.seq_id, 32, 1, True)]
+    assert out.num_preempted == 1 and b.status == SequenceStatus.WAITING and not b.block_table
+    assert list(sch.waiting) == [b] and b.num_computed_tokens == 0
     sch.finish(a, "max_tokens")
-    batch, prefill = sch.schedule()                # b comes back as a prefill of all 33 tokens
-    assert prefill and batch == [b] and len(b) == 33
+    out = sch.schedule()   # b comes back: its first block is still cached (a's new block evicted the second one)
+    assert rows(out) == [(b.seq_id, 16, 17, True)] and out.num_cached_tokens == 16 and len(b) == 34
+
+
+def test_preempts_the_newest_sequence_not_in_the_batch():
+    sch = make(n_blocks=6, max_num_batched_tokens=200)
+    old, mid, new = seq(48), seq(16, first=100), seq(16, first=200)  # 3 + 1 + 1 full blocks, 1 free
+    for s in (old, mid, new):
+        sch.add(s)
+    step(sch)
+    out = step(sch)            # old's and mid's next tokens need 2 blocks: new (the newest) is preempted
+    assert rows(out) == [(old.seq_id, 48, 1, True), (mid.seq_id, 16, 1, True)]
+    assert new.status == SequenceStatus.WAITING and out.num_preempted == 1
+    assert list(sch.waiting) == [new]          # not re-admitted in the step that preempted it
+    sch.finish(old, "stop")
+    out = sch.schedule()
+    assert rows(out) == [(mid.seq_id, 17, 1, True), (new.seq_id, 0, 17, True)] and out.num_cached_tokens == 0
+
+
+def test_running_limit_bounds_the_running_set():
+    sch = make(max_num_seqs=2)
+    seqs = [seq(5, first=10 * i + 1) for i in range(4)]
+    for s in seqs:
+        sch.add(s)
+    out = step(sch)
+    assert [r[0] for r in rows(out)] == [seqs[0].seq_id, seqs[1].seq_id] and len(sch.running) == 2
+    sch.finish(seqs[0], "stop")
+    out = step(sch)                                # one place freed: one more admitted next to the decode
+    assert [r[0] for r in rows(out)] == [seqs[1].seq_id, seqs[2].seq_id] and len(sch.running) == 2
 
 
 def test_finish_reasons():
-    sch = make(n_blocks=16)
+    sch = make()
     eos, stop_tok, length = seq(3), seq(3, stop_token_ids=[9]), seq(3, max_tokens=1)
     ignore = seq(3, ignore_eos=True)
     for s in (eos, stop_tok, length, ignore):
         sch.add(s)
-    batch, _ = sch.schedule()
-    finished = sch.postprocess(batch, [0, 9, 4, 0])
+    out = sch.schedule()
+    finished = sch.postprocess(out.sampling_seqs, [0, 9, 4, 0])
     assert [s.finish_reason for s in finished] == ["eos", "stop", "max_tokens"]
     assert not ignore.is_finished and sch.block_manager.num_used_blocks == 1
 
 
 def test_max_model_len_stops_sequence():
-    sch = make(n_blocks=16)
+    sch = make(max_model_len=64)
     s = seq(63)
     sch.add(s)
-    batch, _ = sch.schedule()
-    assert sch.postprocess(batch, [4]) == [s] and s.finish_reason == "max_model_len"
+    out = sch.schedule()
+    assert sch.postprocess(out.sampling_seqs, [4]) == [s] and s.finish_reason == "max_model_len"
 
 
 def test_prefill_budget_counts_only_uncached_tokens():
-    sch = make(n_blocks=16)
-    first = Sequence(list(range(1, 49)), SamplingParams(max_tokens=4), 16)
+    sch = make()
+    first = Sequence(list(range(1, 49)), SamplingParams(max_tokens=4), BS)
     sch.add(first)
-    batch, _ = sch.schedule()
-    sch.postprocess(batch, [7])
-    same = [Sequence(list(range(1, 49)) + [90 + i], SamplingParams(max_tokens=4), 16) for i in range(3)]
+    step(sch, token=7)
+    same = [Sequence(list(range(1, 49)) + [90 + i], SamplingParams(max_tokens=4), BS) for i in range(3)]
     for s in same:
         sch.add(s)
-    batch, prefill = sch.schedule()     # 3 x 49 tokens exceed the 64-token budget, but 48 of each are cached
-    assert prefill and batch == same and [s.num_cached_tokens for s in same] == [48, 48, 48]
+    out = sch.schedule()         # 3 x 49 tokens exceed the 64-token budget, but 48 of each are cached
+    assert [r[0] for r in rows(out)] == [first.seq_id] + [s.seq_id for s in same]
+    assert [s.num_cached_tokens for s in same] == [48, 48, 48] and out.num_cached_tokens == 144
+
+
+def test_hits_on_blocks_computed_in_the_same_step():
+    """A prompt hits blocks that an earlier row of the same step computes (every layer stores the batch's K/V
+    before attending), never blocks of chunks not scheduled yet."""
+    sch = make(max_num_batched_tokens=40)
+    a, b = seq(100), seq(100)
+    sch.add(a)
+    sch.add(b)
+    assert rows(sch.schedule()) == [(a.seq_id, 0, 40, False)]   # b: no budget left
+    assert len(sch.block_manager.hash_to_block_id) == 2          # a's 2 computed full blocks, not all 6
+    assert rows(sch.schedule()) == [(a.seq_id, 40, 40, False)]
+    out = sch.schedule()   # a's last chunk computes block 5 (tokens 80-95) in this step: b hits all 6 blocks
+    assert rows(out) == [(a.seq_id, 80, 20, True), (b.seq_id, 96, 4, True)] and out.num_cached_tokens == 96
+    assert b.block_table[:6] == a.block_table[:6]
+
+
+def test_cached_prefix_found_when_a_chunked_prompt_is_first_scheduled():
+    sch = make(max_num_batched_tokens=32)
+    a = seq(50)
+    sch.add(a)
+    while not a.is_finished:
+        step(sch, token=0)                                       # EOS after its prompt
+    b = Sequence(list(range(1, 51)) + list(range(300, 400)), SamplingParams(max_tokens=4), BS)
+    sch.add(b)
+    out = step(sch)        # 3 cached blocks: the first chunk starts at 48, mid-way through a's last block
+    assert rows(out) == [(b.seq_id, 48, 32, False)] and b.num_cached_tokens == 48
+    assert rows(step(sch)) == [(b.seq_id, 80, 32, False)]
+
+
+def check_batch(sch: Scheduler, out: SchedulerOutput, was_waiting: set[int], pending: set[int],
+                ends: dict[int, int], writes: dict) -> None:
+    """Invariants of one SchedulerOutput. ``ends`` carries each sequence's computed tokens between steps;
+    ``writes`` maps each KV slot (block, offset) to the (sequence, position) whose K/V a step wrote there."""
+    assert out.total_num_scheduled_tokens <= sch.max_num_batched_tokens
+    assert len(sch.running) <= sch.max_num_seqs and out.num_rows <= sch.max_num_seqs
+    assert len({s.seq_id for s in out.seqs}) == out.num_rows and all(out.sample[:-1])  # a short chunk is last
+    for i, (s, start, n, sample) in enumerate(zip(out.seqs, out.num_computed_tokens, out.num_scheduled_tokens,
+                                                  out.sample)):
+        assert n >= 1 and s.status == SequenceStatus.RUNNING
+        if s.seq_id in was_waiting:                    # admitted: starts after its prefix-cache hits
+            assert start == s.num_cached_tokens and start % BS == 0
+        else:                                          # running: continues where its last row ended
+            assert start == ends[s.seq_id]
+        ends[s.seq_id] = start + n
+        len_before = len(s) - sample                   # a sampling row added a pending token
+        assert start + n <= len_before and sample == (start + n == len_before)
+        decoding = start == len_before - 1 >= s.num_prompt_tokens and s.seq_id not in was_waiting
+        assert decoding == (i < out.num_decode_rows)
+        expected = s.token_ids[start:start + n]
+        if s.seq_id in pending and decoding:
+            expected = expected + [PENDING_TOKEN]
+        assert out.token_ids[i] == expected
+        assert len(s.block_table) == -(-(start + n) // BS) and out.block_tables[i] is s.block_table
+        for pos in range(start, start + n):
+            writes[s.block_table[pos // BS], pos % BS] = s, pos
+    for s, start in zip(out.seqs, out.num_computed_tokens):
+        for pos in range(start if s.seq_id in was_waiting else 0):  # prefix-cache hits hold this prompt's K/V
+            writer, writer_pos = writes[s.block_table[pos // BS], pos % BS]
+            assert writer.token_ids[:writer_pos + 1] == s.token_ids[:pos + 1]
+
+
+SMALL_CACHE = 16  # blocks; at most this, the runs below preempt
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("seed,budget,n_blocks,max_num_seqs", [
+    (0, 16, 12, 8), (1, 32, 11, 16), (2, 48, 16, 4), (3, 100, 14, 16), (4, 32, 64, 3), (5, 64, 64, 1)])
+def test_randomized_runs_keep_every_invariant(seed, budget, n_blocks, max_num_seqs, async_scheduling):
+    rng = random.Random(seed)
+    sch = make(n_blocks=n_blocks, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=160)
+    shared = [rng.randrange(1, 50) for _ in range(48)]
+    seqs = []
+    for _ in range(24):
+        prompt = shared[:rng.choice([0, 16, 40, 48])] + [rng.randrange(1, 50) for _ in range(rng.randrange(1, 110))]
+        seqs.append(Sequence(prompt[:150], SamplingParams(max_tokens=rng.randrange(1, 12)), BS))
+    ends, writes, in_flight, arrivals, steps, hits, preempted = {}, {}, None, list(seqs), 0, 0, 0
+    while arrivals or not sch.is_finished() or in_flight:
+        for _ in range(min(len(arrivals), rng.randrange(sch.is_finished() and not in_flight, 3))):
+            sch.add(arrivals.pop(0))
+        current = in_flight
+        if current is None:
+            current = scheduled(sch, ends, writes)
+            assert current.num_rows, "no progress"
+        in_flight = scheduled(sch, ends, writes) if async_scheduling else None
+        if in_flight is not None and not in_flight.num_rows:
+            in_flight = None
+        tokens = [rng.randrange(0, 50) for _ in current.sampling_seqs]  # token 0 is EOS
+        sch.postprocess(current.sampling_seqs, tokens)
+        steps, hits, preempted = steps + 1, hits + current.num_cached_tokens, preempted + current.num_preempted
+    assert all(s.is_finished for s in seqs) and sch.block_manager.num_used_blocks == 0
+    assert steps > 20 and hits > 0 and (preempted > 0) == (n_blocks <= SMALL_CACHE)
+
+
+def scheduled(sch: Scheduler, ends: dict[int, int], writes: dict) -> SchedulerOutput:
+    was_waiting = {s.seq_id for s in sch.waiting}
+    pending = {s.seq_id for s in sch.running if s.num_pending}
+    out = sch.schedule()
+    check_batch(sch, out, was_waiting, pending, ends, writes)
+    return out
