@@ -2,10 +2,11 @@
 
 A GGUF file is resolved once into a small cache directory that looks like an HF checkpoint to the rest of the
 engine: ``config.json`` and the tokenizer files (chat template included), both made by transformers' own GGUF
-support from the file's metadata, plus ``gguf_source.json`` naming the .gguf. The weights are not copied:
-:func:`gguf_tensors` dequantizes them straight from the .gguf at every load (about a second for a 135M model),
-renamed to HF names with transformers' tensor-name map. llama.cpp's converter permutes Llama q/k rows for its
-rotary layout; transformers' Llama tensor processor undoes that, and so do we by running the same processor.
+support from the file's metadata, plus ``gguf_source.json``: the .gguf's path, architecture and tensor table
+(name, type, offset). The weights are not copied: :func:`gguf_tensors` dequantizes them straight from the
+memory-mapped .gguf at every load, without parsing the file again (gguf-py's reader takes seconds on the
+vocabulary alone). They are renamed to HF names with gguf-py's name map; llama.cpp's converter permutes Llama q/k
+rows for its rotary layout, and transformers' Llama tensor processor, run on every tensor, undoes that.
 """
 import hashlib
 import json
@@ -23,8 +24,8 @@ from engine.logger import get_logger
 from engine.models.decoder import ARCHITECTURES
 
 logger = get_logger(__name__)
-SOURCE_FILE = "gguf_source.json"   # in a resolved directory: {"gguf": absolute path of the .gguf}
-CACHE_FORMAT = "v1"                # bump when the resolved directory's contents change
+SOURCE_FILE = "gguf_source.json"   # in a resolved directory: see _read_source
+CACHE_FORMAT = "v2"                # bump when the resolved directory's contents change
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -63,32 +64,36 @@ def resolve_gguf(gguf_file: str) -> str:
     return path
 
 
-def gguf_source(path: str) -> str | None:
-    """The .gguf file behind a directory made by :func:`resolve_gguf`; None for any other directory."""
+def gguf_source(path: str) -> dict | None:
+    """The record of the .gguf behind a directory made by :func:`resolve_gguf`; None for any other directory."""
     source = os.path.join(path, SOURCE_FILE)
     if not os.path.isfile(source):
         return None
     with open(source) as fh:
-        return json.load(fh)["gguf"]
+        return json.load(fh)
 
 
-def gguf_tensors(gguf_file: str, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF parameter name, dequantized float32 tensor) for every weight in ``gguf_file``.
+def gguf_tensors(source: dict, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, dequantized float32 tensor) for every weight of the .gguf that ``source`` describes.
 
     Tensors with no HF name (llama.cpp extras such as ``rope_freqs``) are skipped, as transformers does.
     """
-    reader = GGUFReader(gguf_file)
-    arch = _field(reader, "general.architecture", gguf_file)
+    gguf_file, arch = source["gguf"], source["architecture"]
+    if os.path.getsize(gguf_file) != source["size"]:
+        raise ValueError(f"{gguf_file} changed since it was resolved; load the .gguf file itself again")
+    blob = np.memmap(gguf_file, dtype=np.uint8, mode="r")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
     names = _gguf_to_hf_names(arch, config)
-    for tensor in reader.tensors:
-        weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
-        if tensor.name not in names:
-            logger.debug("GGUF tensor %s has no HF name; skipped", tensor.name)
+    for name, type_name, shape, offset, nbytes in source["tensors"]:
+        if name not in names:
+            logger.debug("GGUF tensor %s has no HF name; skipped", name)
             continue
-        logger.debug("GGUF tensor %s (%s, %s) -> %s", tensor.name, tensor.tensor_type.name,
-                     list(weights.shape), names[tensor.name])
-        yield names[tensor.name], torch.from_numpy(np.array(weights, dtype=np.float32))
+        qtype = Q[type_name]
+        # the array gguf-py's reader would give: values for F32/F16, rows of quantized blocks as bytes otherwise
+        stored = blob[offset:offset + nbytes].view({Q.F32: np.float32, Q.F16: np.float16}.get(qtype, np.uint8))
+        weights = processor.process(weights=dequantize(stored.reshape(shape), qtype), name=name).weights
+        logger.debug("GGUF tensor %s (%s, %s) -> %s", name, type_name, list(weights.shape), names[name])
+        yield names[name], torch.from_numpy(np.array(weights, dtype=np.float32))
 
 
 def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
@@ -111,25 +116,35 @@ def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
 
 
 def _write_hf_files(gguf_file: str, out: str) -> None:
-    """Check that the engine can run ``gguf_file``, then write its config, tokenizer and source file to ``out``."""
-    _check_supported(gguf_file)
+    """Check that the engine can run ``gguf_file``, then write its config, tokenizer and source record to ``out``."""
+    source = _read_source(gguf_file)
     folder, name = os.path.split(gguf_file)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     config.architectures = [_engine_architecture(config.model_type, gguf_file)]
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
     with open(os.path.join(out, SOURCE_FILE), "w") as fh:
-        json.dump({"gguf": gguf_file}, fh)
+        json.dump(source, fh)
 
 
-def _check_supported(gguf_file: str) -> None:
-    """ValueError naming the file and the architecture or quantization type the engine cannot load."""
+def _read_source(gguf_file: str) -> dict:
+    """``{"gguf", "size", "architecture", "tensors": [[name, type, array shape, offset, bytes], ...]}``.
+
+    ValueError naming the file and the architecture or quantization type that the engine cannot load.
+    """
     reader = GGUFReader(gguf_file)
-    _engine_architecture(_field(reader, "general.architecture", gguf_file), gguf_file)
+    field = reader.get_field("general.architecture")
+    if field is None:
+        raise ValueError(f"{gguf_file}: GGUF metadata has no 'general.architecture'")
+    arch = field.contents()
+    _engine_architecture(arch, gguf_file)
     for tensor in reader.tensors:
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(f"{gguf_file}: tensor {tensor.name!r} has quantization type {tensor.tensor_type.name}, "
                              f"which is not supported (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+    tensors = [[t.name, t.tensor_type.name, list(t.data.shape), int(t.data_offset), int(t.n_bytes)]
+               for t in reader.tensors]
+    return dict(gguf=gguf_file, size=os.path.getsize(gguf_file), architecture=arch, tensors=tensors)
 
 
 def _engine_architecture(model_type: str, gguf_file: str) -> str:
@@ -137,10 +152,3 @@ def _engine_architecture(model_type: str, gguf_file: str) -> str:
         raise ValueError(f"{gguf_file}: GGUF architecture {model_type!r} is not supported "
                          f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))})")
     return SUPPORTED_ARCHS[model_type]
-
-
-def _field(reader: GGUFReader, key: str, gguf_file: str):
-    field = reader.get_field(key)
-    if field is None:
-        raise ValueError(f"{gguf_file}: GGUF metadata has no {key!r}")
-    return field.contents()

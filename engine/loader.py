@@ -78,8 +78,9 @@ def load_weights(model: nn.Module, path: str) -> None:
     file, dequantized from that file.
     """
     from engine.gguf import gguf_source, gguf_tensors
-    gguf_file = gguf_source(path)
-    tensors = gguf_tensors(gguf_file, AutoConfig.from_pretrained(path)) if gguf_file else _safetensors(path)
+    source = gguf_source(path)
+    tensors = gguf_tensors(source, AutoConfig.from_pretrained(path)) if source else _safetensors(path)
+    origin = source["gguf"] if source else path
     tied = getattr(model, "tie_word_embeddings", False)
     packed = getattr(model, "packed_modules", {})
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -98,8 +99,8 @@ def load_weights(model: nn.Module, path: str) -> None:
         loaded.add(target)
     missing = set(params) - loaded - ({"lm_head.weight"} if tied else set())
     if missing:
-        raise ValueError(f"checkpoint in {gguf_file or path!r} lacks weights for {sorted(missing)[:5]}")
-    logger.debug("Loaded %d weight tensors from %s", len(loaded), gguf_file or path)
+        raise ValueError(f"checkpoint in {origin!r} lacks weights for {sorted(missing)[:5]}")
+    logger.debug("Loaded %d weight tensors from %s", len(loaded), origin)
 
 
 def _safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
