@@ -76,6 +76,9 @@ class EngineActor:
         self.metrics = ActorMetrics(job_id, actor_id)
         self.engine = EngineLoop(self.llm, f"engine-loop-{actor_id}", self.metrics.on_step)
         self.validator = ThreadPoolExecutor(1, thread_name_prefix=f"rows-{actor_id}")  # one tokenizer user at a time
+        # pyarrow imports pandas (if installed) on its first table: half a second that would otherwise stall the
+        # actor's event loop, and so the feeding of its engine, at the first shard.
+        build_result_table(0, {}, {}, actor_id, 0)
         self.log.info("engine ready in %.1fs: model=%s device=%s pid=%d", self.load_time_s,
                       engine_kwargs.get("model"), self.llm.config.device, os.getpid())
 

@@ -16,7 +16,8 @@ after repeated failures, part of one:
 * after ``1 + --max-shard-retries`` failed attempts a shard is split in halves, and halves are split
   again on failure, until the row that breaks it is alone; that row then gets an error after the same
   number of attempts, and every other row completes;
-* a shard is written (atomically) as soon as all its rows are back, and only then counted as done;
+* a shard is written (atomically, by a writer thread, so the loop keeps feeding the actors meanwhile) as
+  soon as all its rows are back, and only then counted as done;
 * Ctrl-C / SIGTERM (:mod:`pipeline.signals`) end the loop at its next turn; ``stats.json`` is written with
   ``"status": "interrupted"``, the command that resumes is printed, and the actors are stopped.
 """
@@ -25,6 +26,7 @@ import math
 import sys
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +154,8 @@ class JobRunner:
         self.progress: Progress | None = None
         self.queue: deque[Piece] = deque()          # waiting for an actor: retries and split halves, then new shards
         self.pending: dict[int, PendingShard] = {}
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.writes: list[Future] = []              # shards being written: (rows, generated tokens) when done
         self.starting: dict[Any, LiveActor] = {}    # ready() ref -> actor
         self.actors: list[LiveActor] = []            # started and not failed
         self.running: dict[Any, LiveActor] = {}     # run_shard ref -> the actor running it
@@ -183,11 +187,13 @@ class JobRunner:
             while not self._finished() and not self.stop.requested:
                 self._dispatch()
                 self._wait_and_handle()
+                self._count_written(wait=False)
                 self.progress.tick()
             self.status = "interrupted" if self.stop.requested else "completed"
         except JobFailed as e:
             self.status, self.error = "failed", e
         finally:
+            self._finish_writes()
             self.progress.close()
         if self.status == "interrupted":
             log.warning("%s: stopping; finished shards stay in %s", self.stop.name, self.out.results)
@@ -214,7 +220,7 @@ class JobRunner:
             self.finish()
 
     def _finished(self) -> bool:
-        return self.input_exhausted and not self.queue and not self.running and not self.pending
+        return self.input_exhausted and not self.queue and not self.running and not self.pending and not self.writes
 
     def _dispatch(self) -> None:
         """Hand out pieces in queue order, each to the least-loaded actor that can take it; when work is left and
@@ -229,7 +235,7 @@ class JobRunner:
             for actor in self.actors:
                 if actor.capacity_ref is None and actor.outstanding >= actor.target_rows:
                     self.capacity[actor.wait_for_capacity()] = actor
-        if not self.running and not self.starting and not self._finished():
+        if self.queue and not self.running and not self.starting:  # an idle live actor would have taken it
             raise JobFailed("no engine actor is left to run the remaining shards")
 
     def _next_piece(self) -> Piece | None:
@@ -410,10 +416,31 @@ class JobRunner:
         results = pa.concat_tables([shard.results[offset] for offset in sorted(shard.results)])
         table = pa.Table.from_arrays([*shard.table.columns, *results.columns], schema=self.output_schema)
         steps = pa.concat_tables(shard.steps, promote_options="default") if shard.steps else None
+        self.writes.append(self.writer.submit(self._write_files, shard, table, steps))
+
+    def _write_files(self, shard: PendingShard, table: pa.Table, steps: pa.Table | None) -> tuple[int, int]:
+        """In the writer thread: the shard's files, the part last (it marks the shard done)."""
         self.out.write_shard(shard.shard_id, table, steps)
         self.done.add(shard.shard_id)
-        self.stats.shard_written(table.num_rows, shard.generated_tokens)
-        self.progress.advance(table.num_rows, shard.generated_tokens)
+        return table.num_rows, shard.generated_tokens
+
+    def _count_written(self, wait: bool) -> None:
+        """Count the shards whose files are written (raising the first write's failure); with ``wait``, all."""
+        finished = [w for w in self.writes if wait or w.done()]
+        for write in finished:
+            self.writes.remove(write)
+            rows, generated_tokens = write.result()
+            self.stats.shard_written(rows, generated_tokens)
+            self.progress.advance(rows, generated_tokens)
+
+    def _finish_writes(self) -> None:
+        """Let the writes under way end (each is atomic, so every shard is either written or not), count them."""
+        try:
+            self._count_written(wait=True)
+        except JobFailed as e:
+            if self.error is None:
+                self.status, self.error = "failed", e
+        self.writer.shutdown()
 
     # ----- end of run ----------------------------------------------------------------------------------------------
     def _write_stats(self) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def run_job(config: JobConfig, actor_cls: type = EngineActor, stop: StopRequest 
     """
     started = time.monotonic()
     with nullcontext(stop) if stop is not None else StopRequest() as stop:
-        model = in_background(check_model, config.model)  # while the input is opened and checked
+        model = in_background(check_model, config.model, config.log_level)  # while the input is opened and checked
         plan = plan_job(config)
         if plan.shards_left == 0 and plan.out.manifest_path.exists():
             prepare_output(config, plan)  # a finished job: the input must still be the same one
@@ -143,12 +143,14 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
-def check_model(model: str) -> None:
+def check_model(model: str, log_level: str = "WARNING") -> None:
     """Resolve ``model`` with the engine's own rule (``engine.loader.resolve_model_path``: a built-in demo, a local
     HF directory, a .gguf file, or a Hugging Face hub id, fetched into the local cache), so that a model that
     cannot be found or fetched stops the job in one line before any actor starts. A hub model is downloaded
-    here once; actors on this node then find it in the cache (other nodes fetch their own copy)."""
+    here once; actors on this node then find it in the cache (other nodes fetch their own copy). The engine
+    logs at the job's ``--log-level`` here too."""
     from engine.loader import resolve_model_path
+    logging.getLogger("nanovllm").setLevel(log_level)
     try:
         resolve_model_path(model)
     except Exception as e:  # ValueError for a bad name or path; OSError, hub errors while fetching

@@ -1,6 +1,10 @@
 """The Ray batch pipeline (issue 5): input reading and sharding, row validation, atomic output, and end-to-end
 jobs on a local Ray cluster with the tiny demo model (CPU). Several assertions share one job's output."""
+import contextlib
+import io
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +23,9 @@ from pipeline.inputs import cut_shards, open_input, resolve_prompt_column
 from pipeline.output import OutputDir, make_manifest, manifest_differences
 from pipeline.progress import Progress
 from pipeline.rows import OUTPUT_SCHEMA, RowSpec, build_result_table, prepare_requests
-from test_pipeline_support import (REPO, PacedActor, assert_each_id_once, job_argv, part_files, read_results,
-                                   scrape_metrics, start_ray_cluster, subprocess_env, wait_for, write_prompts)
+from test_pipeline_support import (MAX_NUM_SEQS, REPO, PacedActor, assert_each_id_once, job_argv, part_files,
+                                   read_results, scrape_metrics, start_ray_cluster, subprocess_env, wait_for,
+                                   write_prompts)
 
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 
@@ -187,7 +192,10 @@ def test_progress_prints_plain_lines_off_a_terminal(tmp_path):
 
 # ----- end to end -------------------------------------------------------------------------------------------------
 JOB_A_ID = "pipeline-test-a"
-JOB_A_ROWS = 42
+JOB_A_ROWS = 44
+# Greedy, the tiny random model stops these prompts on a sampled EOS: async scheduling then samples one more token
+# for them, which it drops (and which no token count may include).
+JOB_A_EOS = {42: "Row 48: tell me about rivers", 43: "Row 54: tell me about cities"}
 JOB_A_ERRORS = {2: "invalid prompt: prompt must be a string", 7: "prompt is empty", 12: "more than max_model_len",
                 17: "KV-cache blocks", 22: "SamplingParams.max_tokens=0", 27: "SamplingParams.temperature=-1.0",
                 32: "SamplingParams.top_p=1.5"}
@@ -202,8 +210,8 @@ def _prompt_of_tokens(tokenizer, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def job_a(ray_cluster, tmp_path_factory):
-    """42 rows (7 of them bad, see JOB_A_ERRORS) in 9 shards on 2 actors; a KV cache of 6 blocks of 16 tokens,
-    so the engine queues and preempts, and a 140-token prompt can never fit."""
+    """44 rows (7 of them bad, see JOB_A_ERRORS; 2 that stop on EOS, JOB_A_EOS) in 9 shards on 2 actors; a KV cache
+    of 6 blocks of 16 tokens, so the engine queues and preempts, and a 140-token prompt can never fit."""
     from transformers import AutoTokenizer
 
     from engine.demo import random_demo_path
@@ -219,6 +227,8 @@ def job_a(ray_cluster, tmp_path_factory):
     max_tokens[38] = 2
     prompts[40] = prompts[41] = "Seeded twins"
     seed[40] = seed[41] = 7
+    for i, prompt in JOB_A_EOS.items():
+        prompts[i], temperature[i], max_tokens[i] = prompt, 0.0, 32
     root = tmp_path_factory.mktemp("job_a")
     table = pa.table({"id": pa.array(range(n), pa.int64()), "prompt": pa.array(prompts, pa.string()),
                       "meta": [f"meta-{i}" for i in range(n)], "max_tokens": pa.array(max_tokens, pa.int64()),
@@ -320,6 +330,24 @@ def test_next_shard_joins_the_running_batch(ray_cluster, tmp_path):
     assert_each_id_once(read_results(tmp_path / "out"), len(prompts))
 
 
+def test_running_batch_stays_full_across_shard_boundaries(ray_cluster, tmp_path):
+    """Issue 13: one actor (at most 4 sequences a batch), 20 shards of 2 rows of different lengths. The driver keeps
+    8 rows at the actor and sends more as rows finish, so from the first admission to the last the engine never
+    drains at a shard boundary, and its batch stays (nearly) full."""
+    n = 40
+    path = write_prompts(tmp_path / "in.parquet", [f"Feed row {i}: tell me about the sea" for i in range(n)],
+                         max_tokens=[6 + (7 * i) % 11 for i in range(n)])
+    report = run_job(parse_config(job_argv(path, tmp_path / "out", "--temperature", "0", actors=1, shard_size=2,
+                                           max_tokens=16)))
+    assert report.status == "completed" and len(part_files(tmp_path / "out")) == n // 2
+    assert_each_id_once(read_results(tmp_path / "out"), n)
+    steps = pq.read_table(tmp_path / "out" / "steps.parquet").sort_by("step").to_pylist()
+    admissions = [i for i, step in enumerate(steps) if step["phase"] == "prefill"]
+    between = steps[admissions[0]:admissions[-1]]
+    assert min(step["num_running"] for step in between) > 0, [s["num_running"] for s in between]
+    assert sum(step["batch_size"] for step in between) / len(between) >= 0.75 * MAX_NUM_SEQS
+
+
 def test_actor_logs_are_readable_through_the_state_api(job_a, ray_cluster):
     actors = list_actors(address=ray_cluster.address, filters=[("class_name", "=", "PacedActor")], detail=True,
                          limit=1000)
@@ -340,18 +368,25 @@ def test_metrics_reach_the_prometheus_endpoint(job_a, ray_cluster):
         done = sum(v for name, _, v in samples if name == "ray_pipeline_rows_done_total")
         return samples if done == JOB_A_ROWS else None
 
-    samples = wait_for(job_samples, 30, "rows_done metric to reach 42", interval=1)
+    samples = wait_for(job_samples, 30, f"rows_done metric to reach {JOB_A_ROWS}", interval=1)
 
     def total(name):
         return sum(v for n, _, v in samples if n == name)
 
     assert {labels["actor_id"] for _, labels, _ in samples} == {"actor-0", "actor-1"}
     assert total("ray_pipeline_rows_failed_total") == len(JOB_A_ERRORS)
+    rows = job_a["results"].to_pylist()
+    assert [rows[i]["finish_reason"] for i in JOB_A_EOS] == ["stop"] * len(JOB_A_EOS)
     assert total("ray_nanovllm_generated_tokens_total") == stats["generated_tokens"]
     assert total("ray_nanovllm_step_time_s_count") == sum(a["steps"] for a in stats["actors"].values())
     names = {n for n, _, _ in samples}
     assert {"ray_nanovllm_running_seqs", "ray_nanovllm_waiting_seqs", "ray_nanovllm_kv_cache_usage",
             "ray_nanovllm_prefix_cache_hit_rate"} <= names
+    # The names the README lists are the names Prometheus shows (a histogram as its _count, _sum, _bucket).
+    dashboard = (REPO / "README.md").read_text().split("**Dashboard.**")[1].split("\n## ")[0]
+    listed = set(re.findall(r"`(ray_\w+)`", dashboard))
+    assert {"ray_nanovllm_generated_tokens_total", "ray_nanovllm_step_time_s"} <= listed
+    assert all(name in names or f"{name}_count" in names for name in listed), listed - names
 
 
 def test_chat_messages_from_a_saved_hf_dataset(ray_cluster, tmp_path):
@@ -382,3 +417,26 @@ def test_cli_runs_the_sample_from_any_directory(ray_cluster, tmp_path):
     assert (out / "sample_prompts.parquet").exists()
     assert_each_id_once(read_results(out), 64)
     assert "[progress] 64/64 rows" in proc.stderr
+    # At the default --log-level WARNING, neither the actors' per-shard lines nor engine INFO lines are forwarded.
+    assert "[INFO]" not in proc.stderr, [line for line in proc.stderr.splitlines() if "[INFO]" in line][:5]
+
+
+def test_driver_log_lines_go_above_the_progress_bar():
+    """On a terminal, a log line of the driver is written above the bar, not glued onto it."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, message = Terminal(), "actor-1 died while running shard 3"
+    with contextlib.redirect_stderr(terminal):
+        handler = logging.StreamHandler()  # stderr, as the command line's logging.basicConfig
+        logging.getLogger().addHandler(handler)
+        try:
+            progress = Progress(total_rows=10, done_rows=0, interval_s=1.0, stream=terminal)
+            progress.advance(4, 100)
+            logging.getLogger("pipeline").warning(message)
+            progress.close()
+        finally:
+            logging.getLogger().removeHandler(handler)
+    text = terminal.getvalue()
+    assert text[text.index(message) - 1] in "\r\n" and "4/10" in text.split(message)[1], repr(text)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,8 +21,8 @@ from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.driver import run_job
 from pipeline.errors import JobFailed, UsageError
-from test_pipeline_support import (REPO, PacedActor, assert_each_id_once, job_argv, part_files, read_results,
-                                   start_ray_cluster, subprocess_env, wait_for, write_prompts)
+from test_pipeline_support import (REPO, PacedActor, assert_each_id_once, free_port, job_argv, part_files,
+                                   read_results, start_ray_cluster, subprocess_env, wait_for, write_prompts)
 
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 
@@ -106,6 +107,23 @@ def test_cli_exit_status_and_message(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: input not found: {tmp_path / 'missing.parquet'}"]
+
+
+@pytest.mark.parametrize("flag, name, message", [
+    ("--model", "Qwen/Qwen3-0.6B", "--model Qwen/Qwen3-0.6B: could not download model"),
+    ("--input", "someone/prompts", "input someone/prompts: not a local path, and the Hugging Face hub cannot be reached"),
+], ids=["model", "dataset"])
+def test_what_cannot_be_fetched_fails_fast_in_one_line(tmp_path, flag, name, message):
+    """A hub that refuses connections and an empty cache: one line, exit 2, no retries, no actor, no Ray."""
+    env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf-home"))
+    other = ["--input", str(write_prompts(tmp_path / "in.parquet", PROMPTS))] if flag == "--model" else []
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "offline_batch.py"), flag, name, *other, "--output",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=180)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[pipeline]")]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr[-3000:]
+    assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
 
 
 def test_model_that_cannot_load_fails_the_job_in_one_line(ray_cluster, tmp_path):
@@ -202,9 +220,28 @@ def test_disk_full_stops_the_job_clearly_and_keeps_written_shards(ray_cluster, t
 
 
 # ----- the driver dies or is stopped ------------------------------------------------------------------------------
-def _start_driver(ray_cluster, argv):
-    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "offline_batch.py"), "--address", ray_cluster.address,
-                             *argv], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# jobs/offline_batch.py with ray.shutdown announced by a marker file and followed by a pause, so that a signal sent
+# when the marker appears lands while the driver shuts Ray down.
+SLOW_SHUTDOWN = """
+import pathlib, runpy, sys, time
+import ray
+marker, real_shutdown = pathlib.Path(sys.argv[1]), ray.shutdown
+sys.argv = sys.argv[2:]  # [offline_batch.py, its flags...]
+def slow_shutdown(*args, **kwargs):
+    marker.touch()
+    real_shutdown(*args, **kwargs)
+    time.sleep(2)
+ray.shutdown = slow_shutdown
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _start_driver(ray_cluster, argv, shutdown_marker=None):
+    script = [str(REPO / "jobs" / "offline_batch.py")]
+    if shutdown_marker is not None:
+        script = ["-c", SLOW_SHUTDOWN, str(shutdown_marker), *script]
+    return subprocess.Popen([sys.executable, *script, "--address", ray_cluster.address, *argv], env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _snapshot(output):
@@ -228,6 +265,7 @@ def test_killed_driver_resumes_without_redoing_shards(ray_cluster, tmp_path):
     assert_each_id_once(read_results(out), n)
     assert {name: _snapshot(out)[name] for name in before} == before  # finished shards were not rewritten
     assert report.stats["rows_done"] == n
+    _check_resumed_numbers(report.stats, out, n, rows_before=4 * len(before))
 
     complete = _snapshot(out)
     again = run_job(parse_config(argv))  # a finished job: nothing to do, nothing touched
@@ -243,20 +281,55 @@ def test_killed_driver_resumes_without_redoing_shards(ray_cluster, tmp_path):
     assert results.column("prompt")[0].as_py() == "another input 0"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupted_driver_stops_gracefully_and_prints_how_to_resume(ray_cluster, tmp_path, sig):
+# Where the signal lands: once the manifest is written (the actors are starting, nothing ran yet), once the first
+# shard is written (while shards run and are written), and while Ray shuts down at the end of a finished job
+# (``ray.shutdown`` slowed down and announced by a marker file, see _start_driver).
+STOP_POINTS = {"start": lambda out: (out / "manifest.json").exists(), "middle": lambda out: part_files(out),
+               "end": lambda out: (out / "shutting-down").exists()}
+
+
+def _check_resumed_numbers(stats, out, n, rows_before):
+    """The final line and the report keep this run's numbers apart from the totals over both runs: this run's
+    rows, tokens and throughput; the actors of this run; plots over this run's steps only (no idle gap)."""
+    from pipeline.cli import done_line
+    from pipeline.report import actor_rows, load_job, summary
+    run = stats["this_run"]
+    assert run["rows"] == n - rows_before
+    line = done_line(stats, str(out))
+    assert line.startswith(f"done: this run {n - rows_before} rows, {run['generated_tokens']} tokens, "
+                           f"{stats['output_tokens_per_s']:.1f} tok/s") and f"; all runs {n} rows (0 failed)" in line
+    job = load_job(out)
+    numbers = dict(summary(job))
+    assert numbers["rows (all runs)"].startswith(f"{n} of {n} done") and numbers["rows (this run)"].startswith(
+        f"{n - rows_before} (")
+    assert sum(int(row[3]) for row in actor_rows(job)[1:]) == n - rows_before
+    assert min(s["timestamp"].min() for s in job.steps.values()) >= run["started_at"]
+    assert sum(len(s["step"]) for s in job.steps.values()) == sum(a["steps"] for a in stats["actors"].values())
+
+
+@pytest.mark.parametrize("sig, point", [(signal.SIGTERM, "start"), (signal.SIGTERM, "middle"),
+                                        (signal.SIGTERM, "end"), (signal.SIGINT, "middle")],
+                         ids=["sigterm-start", "sigterm-middle", "sigterm-end", "ctrl-c-middle"])
+def test_a_stopped_driver_exits_cleanly_and_prints_how_to_resume(ray_cluster, tmp_path, sig, point):
+    """Wherever the signal lands: exit 128 + signal, "interrupted" in stats.json, the steps merged, no _tmp/, no
+    traceback, and the printed command finishes the job without redoing written shards."""
     out = tmp_path / "out"
-    proc = _start_driver(ray_cluster, job_argv(None, out, shard_size=4, max_tokens=32))  # the 64 sample prompts
-    wait_for(lambda: part_files(out), 120, "the first part file")
+    proc = _start_driver(ray_cluster, job_argv(None, out, shard_size=4, max_tokens=32),  # the 64 sample prompts
+                         shutdown_marker=out / "shutting-down" if point == "end" else None)
+    wait_for(lambda: STOP_POINTS[point](out), 180, f"the {point} of the job")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-3000:]
-    assert sorted(p.name for p in (out / "results").iterdir()) == [p.name for p in part_files(out)]
+    assert "Traceback" not in err and "SystemError" not in err, err[-3000:]
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["status"] == "interrupted" and 0 < stats["rows_done"] < 64
+    assert stats["status"] == "interrupted" and stats["rows_done"] == sum(pq.read_metadata(p).num_rows
+                                                                           for p in part_files(out))
+    assert not (out / "_tmp").exists() and (out / "steps.parquet").exists()
     command = err.split("resume with: ")[1].splitlines()[0]
     assert command.startswith("python jobs/offline_batch.py ") and f"--output {out} --resume" in command
-    before = _snapshot(out)
-    assert main(shlex.split(command)[2:]) == 0  # the printed command finishes the job
-    assert_each_id_once(read_results(out), 64)
-    assert {name: _snapshot(out)[name] for name in before} == before
+    if point == "middle":
+        assert 0 < stats["rows_done"] < 64
+        before = _snapshot(out)
+        assert main(shlex.split(command)[2:]) == 0  # the printed command finishes the job
+        assert_each_id_once(read_results(out), 64)
+        assert {name: _snapshot(out)[name] for name in before} == before
