@@ -84,7 +84,8 @@ def w6_with_latency(llm: LLM) -> dict:
     """W6 through the step API, timing every token of the short rows (inter-token latency)."""
     requests = fresh(w6(), 1)
     prompts, params = as_engine(requests)
-    short = {llm.add_request(p, sp, i).seq_id for i, (p, sp) in enumerate(zip(prompts, params)) if len(p) < 2048}
+    seqs = [llm.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
+    short = {seq.seq_id for seq in seqs if seq.num_prompt_tokens <= 1024}
     last_seen: dict[int, float] = {}
     gaps, tokens = [], 0
     start = time.perf_counter()
@@ -102,6 +103,21 @@ def w6_with_latency(llm: LLM) -> dict:
     p50, p99 = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)]
     return dict(generated_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall, short_itl_p50_ms=1e3 * p50,
                 short_itl_p99_ms=1e3 * p99, p99_over_p50=p99 / p50)
+
+
+class Results(dict):
+    """The benchmark's results, printed and written to ``path`` as each workload finishes."""
+
+    def __init__(self, path: str, **fields):
+        super().__init__(**fields)
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def record(self, name: str, value) -> None:
+        self[name] = value
+        print(name, value, flush=True)
+        with open(self.path, "w") as f:
+            json.dump(self, f, indent=2)
 
 
 def free(llm: LLM | None = None) -> None:
@@ -164,39 +180,33 @@ def run_vllm(path: str, workloads: list[str]) -> dict:
         return json.load(f)
 
 
-def run_engine_workloads(path: str, wanted: list[str], res: dict, timed_runs: int) -> None:
+def run_engine_workloads(path: str, wanted: list[str], res: Results, timed_runs: int) -> None:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     llm = LLM(path, max_model_len=4096)
-    res["W4"] = dict(startup_s=time.perf_counter() - start, kv_blocks=llm.model_runner.num_blocks,
+    res.record("W4", dict(startup_s=time.perf_counter() - start, kv_blocks=llm.model_runner.num_blocks,
                      kv_block_size=llm.config.kvcache_block_size, max_num_seqs=llm.config.max_num_seqs,
                      kv_cache_gb=llm.model_runner.kv_cache.numel() * 2 / 2**30,
-                     cuda_graphs=len(llm.model_runner.graphs))
-    print("W4", res["W4"], flush=True)
+                     cuda_graphs=len(llm.model_runner.graphs)))
     for key, name, requests in (("W1", "W1", w1), ("W5", "W5", w5), ("HF", "W1-HF-engine", w1_hf)):
         if key in wanted:
-            res[name] = engine_rate(llm, requests(), timed_runs)
-            print(name, res[name], flush=True)
+            res.record(name, engine_rate(llm, requests(), timed_runs))
     if "LOG" in wanted:
-        res["LOG"] = log_level_cost(llm)
-        print("LOG", res["LOG"], flush=True)
+        res.record("LOG", log_level_cost(llm))
     if "W2" in wanted:
-        res["W2"] = single_stream(llm)
-        print("W2", res["W2"], flush=True)
+        res.record("W2", single_stream(llm))
     if "W3" in wanted:
-        res["W3"] = {"on": prefix_heavy(llm)}
+        on = prefix_heavy(llm)
         free(llm)
         llm = LLM(path, max_model_len=4096, enable_prefix_caching=False)
-        res["W3"]["off"] = prefix_heavy(llm)
-        res["W3"]["speedup"] = res["W3"]["on"]["tok_per_s"] / res["W3"]["off"]["tok_per_s"]
-        print("W3", res["W3"], flush=True)
-    res["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        off = prefix_heavy(llm)
+        res.record("W3", dict(on=on, off=off, speedup=on["tok_per_s"] / off["tok_per_s"]))
+    res.record("peak_gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30)
     free(llm)
     if "W6" in wanted:
         llm = LLM(path, max_model_len=W6_MAX_MODEL_LEN)
         timed_generate(llm, fresh(w6()[28:40], 90))  # warm-up: long-prompt chunks and mixed steps
-        res["W6"] = w6_with_latency(llm)
-        print("W6", res["W6"], flush=True)
+        res.record("W6", w6_with_latency(llm))
         free(llm)
 
 
@@ -250,20 +260,15 @@ def main() -> None:
     wanted = args.workloads.split(",")
     configure("WARNING")
     path = build_checkpoint(args.model_dir)
-    res: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                     date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    res = Results(args.out, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
     if "HF" in wanted:
-        res["W1-HF"] = run_hf(path, w1_hf())
-        print("W1-HF", res["W1-HF"], flush=True)
+        res.record("W1-HF", run_hf(path, w1_hf()))
     run_engine_workloads(path, wanted, res, args.runs)
     if "JOB" in wanted:
-        res["W5-job"] = run_w5_job(path)
-        print("W5-job", res["W5-job"], flush=True)
+        res.record("W5-job", run_w5_job(path))
     if args.baseline == "vllm":
-        res["vllm"] = run_vllm(path, [w for w in ("W1", "W5", "W6") if w in wanted])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+        res.record("vllm", run_vllm(path, [w for w in ("W1", "W5", "W6") if w in wanted]))
     print_table(res)
 
 
