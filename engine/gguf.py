@@ -59,7 +59,8 @@ def resolve_gguf(gguf_file: str) -> str:
     stat = os.stat(gguf_file)
     key = hashlib.sha256(f"{gguf_file}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     stem = os.path.basename(gguf_file).removesuffix(".gguf")
-    path = build_once(os.path.join(f"gguf-{CACHE_FORMAT}", f"{stem}-{key}"), lambda tmp: _write_hf_files(gguf_file, tmp))
+    name = os.path.join(f"gguf-{CACHE_FORMAT}", f"{stem}-{key}")
+    path = build_once(name, lambda tmp: _write_hf_files(gguf_file, tmp))
     logger.info("GGUF checkpoint %s (config and tokenizer in %s)", gguf_file, path)
     return path
 
