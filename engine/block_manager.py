@@ -82,13 +82,13 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_tokens: int, cached: list[int] | None = None) -> bool:
         """Extend the sequence's block table to hold its first ``num_tokens`` tokens, starting with the
         ``cached`` prefix blocks on its first allocation. False, changing nothing, when too few blocks are free."""
+        if not cached and num_tokens <= len(seq.block_table) * self.block_size:
+            return True  # the common decode step: the last block has room
         cached = cached or []
         num_new = max(0, -(-num_tokens // self.block_size) - len(seq.block_table) - len(cached))
         num_revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # free, but holding a cached prefix
         if num_new + num_revived > self.num_free_blocks:
             return False
-        if not num_new and not cached:
-            return True
         debug = logger.isEnabledFor(logging.DEBUG)
         if debug:
             logger.debug("Allocating blocks for seq_id=%d, num_blocks=%d", seq.seq_id,
@@ -107,10 +107,8 @@ class BlockManager:
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Add the sequence's full blocks whose tokens are all scheduled and known to the prefix cache (a block
         whose last token is still being sampled joins one step later)."""
-        if not self.enable_prefix_caching:
-            return
         num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
-        if num_full <= seq.num_registered_blocks:
+        if num_full <= seq.num_registered_blocks or not self.enable_prefix_caching:
             return
         hashes = self._block_hashes(seq, num_full)
         for i in range(seq.num_registered_blocks, num_full):

@@ -41,17 +41,20 @@ class Scheduler:
         """The next step's batch (empty when nothing can run now). Scheduled tokens count as computed from
         here on, and a row that samples adds a pending token to its sequence."""
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.max_num_batched_tokens, decoding=True)
+        decoding, prefilling = [], []
+        for seq in self.running:
+            (decoding if seq.is_decoding else prefilling).append(seq)
+        budget = self._schedule_running(out, decoding, self.max_num_batched_tokens)
         out.num_decode_rows = out.num_rows
-        budget = self._schedule_running(out, budget, decoding=False)
+        budget = self._schedule_running(out, prefilling, budget)
         if not out.num_preempted:
             self._schedule_waiting(out, budget)
         self._log(out)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int, decoding: bool) -> int:
-        """Rows for the running sequences that are (or are not) decoding; returns the budget left."""
-        for seq in [s for s in self.running if s.is_decoding == decoding]:
+    def _schedule_running(self, out: SchedulerOutput, seqs: list[Sequence], budget: int) -> int:
+        """Rows for these running sequences, oldest first; returns the budget left."""
+        for seq in seqs:
             if not budget:
                 break
             if seq.status != SequenceStatus.RUNNING or self._finishes_with_pending(seq):
@@ -105,8 +108,10 @@ class Scheduler:
         self.block_manager.register_computed_blocks(seq)
 
     def _finishes_with_pending(self, seq: Sequence) -> bool:
-        return seq.num_pending > 0 and (len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens
-                                        or len(seq) >= self.max_model_len)
+        if not seq.num_pending:
+            return False
+        length = len(seq)
+        return length - seq.num_prompt_tokens >= seq.params.max_tokens or length >= self.max_model_len
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         seq.status = SequenceStatus.WAITING
