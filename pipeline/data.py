@@ -5,8 +5,8 @@ without Ray (:func:`generate_table`).
 All turn rows into results exactly as an ``offline_batch`` job does (the same prompt column rules, per-row
 overrides, row errors and :data:`pipeline.rows.OUTPUT_SCHEMA` columns appended after the input's own),
 because all drive the job's :class:`pipeline.actor.EngineActor` in-process. ``Generate.__call__`` is async:
-with ``max_concurrency`` > 1, several batches are in one actor's engine at once (one engine loop per actor),
-so the next batch's rows start as the previous batch's finish, as in a job. What a job adds on top
+with ``ActorPoolStrategy(max_concurrent_calls_per_actor=k)``, k batches are in one actor's engine at once
+(one engine loop per actor), so the next batch's rows start as the previous batch's finish, as in a job. What a job adds on top
 (sharding, retries, resumable output files, stats) is left to the surrounding pipeline.
 
 Ray Data::
@@ -44,13 +44,13 @@ DEFAULT_SAMPLING = ("max_tokens", "temperature", "top_p")
 
 
 class Generate:
-    """A Ray Data callable class: ``ds.map_batches(Generate, fn_constructor_kwargs=..., concurrency=N, ...)``.
+    """A Ray Data callable class: ``ds.map_batches(Generate, fn_constructor_kwargs=..., compute=..., ...)``.
 
     Ray Data creates ``concurrency`` instances (one per actor); each loads the engine once in ``__init__``
     and then appends the result columns to every batch it gets. Give each actor its GPUs with
     ``num_gpus=tensor_parallel_size``; without GPUs the engine runs on CPU. ``__call__`` is a coroutine: with
-    ``max_concurrency=k`` (a Ray actor option of ``map_batches``) up to ``k`` batches share the actor's engine,
-    their rows in one running batch.
+    ``compute=ray.data.ActorPoolStrategy(size=N, max_concurrent_calls_per_actor=k)`` up to ``k`` batches share
+    the actor's engine, their rows in one running batch.
 
     Constructor keyword arguments: ``model`` and every other ``engine.LLM`` argument (``max_model_len``,
     ``tensor_parallel_size``, ``device``, ``kvcache_block_size``, ...) go to the engine; ``prompt_column``,
@@ -144,10 +144,12 @@ class Processor:
             ds = ds.map(self.preprocess)
         ds = ds.map_batches(
             Generate, fn_constructor_kwargs=c.generate_kwargs(), batch_size=c.batch_size, batch_format="pyarrow",
-            # As ray.data.llm: enough tasks in flight per actor to keep max_concurrency batches in its engine.
+            # As ray.data.llm: max_concurrent_batches calls at once per actor (its Ray max_concurrency), and twice as
+            # many tasks in flight, so that a next batch is always at hand.
             compute=ray.data.ActorPoolStrategy(size=c.concurrency,
-                                               max_tasks_in_flight_per_actor=2 * c.max_concurrent_batches),
-            max_concurrency=c.max_concurrent_batches, num_gpus=c.gpus_per_actor())
+                                               max_tasks_in_flight_per_actor=2 * c.max_concurrent_batches,
+                                               max_concurrent_calls_per_actor=c.max_concurrent_batches),
+            num_gpus=c.gpus_per_actor())
         if self.postprocess is not None:
             ds = ds.map(self.postprocess)
         return ds

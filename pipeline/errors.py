@@ -3,6 +3,7 @@ import re
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit))(?:\([\w.]+\))?: (.+)$")
+_ACTOR_DIED = "The actor died"  # Ray's ActorDiedError: a generic first line, the actor's details, then why
 
 
 class PipelineError(Exception):
@@ -36,12 +37,15 @@ def one_line(exc: BaseException) -> str:
 
 def root_cause(exc: BaseException) -> str:
     """One line naming the original exception behind a Ray error (whose text embeds the remote traceback):
-    ``"ValueError: ..."``; Ray's own first line when there is none (e.g. the actor's process died)."""
+    ``"ValueError: ..."``; for an actor that died, Ray's reason (``"The actor died because its node has died.
+    Node Id: ..."``); else Ray's own first line."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException) and cause is not exc and type(cause).__module__.split(".")[0] != "ray":
         return f"{type(cause).__name__}: {one_line(cause)}"
-    for line in reversed(_ANSI.sub("", str(exc)).splitlines()):
+    lines = _ANSI.sub("", str(exc)).splitlines()
+    for line in reversed(lines):
         match = _EXCEPTION_LINE.match(line.strip())
         if match:
             return f"{match.group(1)}: {match.group(2)}"
-    return one_line(exc)
+    reasons = [line.strip() for line in lines[1:] if line.startswith(_ACTOR_DIED)]
+    return reasons[0] if reasons else one_line(exc)

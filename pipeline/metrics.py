@@ -40,7 +40,7 @@ class ActorMetrics:
         self.kv_usage.set(record["kv_blocks_used"] / blocks if blocks else 0.0)
         if record["phase"] == "prefill":
             self._hit_tokens += record["prefix_cache_hit_tokens"]
-            self._prefill_tokens += record["num_tokens"] + record["prefix_cache_hit_tokens"]
+            self._prefill_tokens += record["num_prefill_tokens"] + record["prefix_cache_hit_tokens"]
             self.prefix_hit_rate.set(self._hit_tokens / self._prefill_tokens if self._prefill_tokens else 0.0)
         self.step_time.observe(record["step_time_s"])
 

@@ -168,8 +168,10 @@ def _kv_usage(s: Steps) -> np.ndarray:
 def _prefix_hit_rate(s: Steps, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """After each prefill step: prompt tokens served from the prefix cache / prompt tokens prefilled so far."""
     prefill = s["phase"] == "prefill"
+    # Steps written before chunked prefill have no num_prefill_tokens: their prefill steps forwarded only prompts.
+    computed = s["num_prefill_tokens"] if "num_prefill_tokens" in s else s["num_tokens"]
     hits = np.cumsum(s["prefix_cache_hit_tokens"][prefill])
-    prompt = np.cumsum(s["num_tokens"][prefill] + s["prefix_cache_hit_tokens"][prefill])
+    prompt = np.cumsum(computed[prefill] + s["prefix_cache_hit_tokens"][prefill])
     return t[prefill], 100.0 * hits / np.maximum(prompt, 1)
 
 

@@ -1,14 +1,17 @@
-"""Generation inside other data pipelines (issue 6): the ``pipeline.data.Generate`` class as a Ray Data
-``map_batches`` step between a user's own steps, and ``generate_table`` on a pyarrow Table or a Hugging Face
-Dataset without Ray. Both add exactly the columns of an offline_batch job, with the same row rules."""
+"""Generation inside other data pipelines (issue 6, issue 15): the ``pipeline.data.Generate`` class as a Ray Data
+``map_batches`` step between a user's own steps, a processor built like ray.data.llm's (``build_processor``) from
+Parquet to Parquet, and ``generate_table`` on a pyarrow Table or a Hugging Face Dataset without Ray. All add
+exactly the columns of an offline_batch job, with the same row rules."""
+import asyncio
 import os
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import Generate, generate_table, run_sync, to_arrow
+from pipeline.data import Generate, ProcessorConfig, build_processor, generate_table, run_sync, to_arrow
 from pipeline.errors import UsageError
 from pipeline.rows import OUTPUT_SCHEMA
 from test_pipeline_support import start_ray_cluster
@@ -116,3 +119,62 @@ def test_other_batch_formats_become_arrow_with_nulls_for_nan():
 def test_generate_table_rejects_other_types_before_loading_a_model():
     with pytest.raises(TypeError, match="pyarrow.Table or datasets.Dataset"):
         generate_table([{"prompt": "hi"}], model="/no/such/model")
+
+
+def test_generate_table_checks_the_prompt_column_before_loading_the_engine():
+    """The error names the Python argument (not the job's flag), and comes before any model is loaded."""
+    with pytest.raises(UsageError, match=r"no column 'prompt' \(columns: text\); choose one with prompt_column="):
+        generate_table(pa.table({"text": ["hi"]}), model="/no/such/model")
+
+
+def test_concurrent_batches_share_one_engine():
+    """Two batches awaited together (as Ray Data does with max_concurrency > 1) run in one engine batch."""
+    generate = Generate(**ENGINE)
+    batch_sizes = []
+    generate.engine.llm.add_step_callback(lambda record: batch_sizes.append(record.batch_size))
+    table = add_prompt(topics_table())
+    first, second = table.slice(0, 4), table.slice(4)
+
+    async def both():
+        return await asyncio.gather(generate(first), generate(second))
+
+    try:
+        results = run_sync(both())
+    finally:
+        generate.shutdown()
+    assert [r.num_rows for r in results] == [4, 4]
+    assert max(batch_sizes) > 3  # each batch has 3 rows that can run (one is bad): both were in one step
+
+
+def test_build_processor_runs_a_parquet_to_parquet_pipeline(ray_cluster, local_results, tmp_path):
+    """ray.data.llm's shape: a config with model_source, batch_size, concurrency, engine_kwargs; preprocess makes
+    each row's prompt and sampling_params; postprocess keeps what the user wants."""
+    import ray.data
+    pq.write_table(topics_table().drop_columns(["max_tokens"]), tmp_path / "in.parquet")
+    config = ProcessorConfig(model_source="demo-random", batch_size=3, concurrency=1, max_concurrent_batches=2,
+                             engine_kwargs=dict(device="cpu", max_model_len=256, kvcache_block_size=16))
+
+    def preprocess(row):
+        topic = row["topic"]
+        return dict(id=row["id"], prompt=None if topic is None else (f"Tell me about {topic}" if topic else ""),
+                    sampling_params=dict(max_tokens=2 if row["id"] == 3 else 4, temperature=0.0))
+
+    def postprocess(row):
+        return dict(id=row["id"], answer=row["generated_text"], token_ids=row["generated_token_ids"],
+                    error=row["error"])
+
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    processor(ray.data.read_parquet(str(tmp_path / "in.parquet"))).write_parquet(str(tmp_path / "out"))
+    rows = sorted(pq.read_table(tmp_path / "out").to_pylist(), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == list(range(len(TOPICS)))
+    assert all(BAD[r["id"]] in r["error"] for r in rows if r["id"] in BAD)
+    assert all(r["error"] is None and r["answer"] is not None for r in rows if r["id"] not in BAD)
+    # Greedy, with the same per-row max_tokens: the same tokens as generate_table.
+    assert [r["token_ids"] for r in rows] == local_results["generated_token_ids"].to_pylist()
+
+
+def test_processor_config_rejects_what_it_cannot_honour():
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ProcessorConfig(batch_size=0)
+    with pytest.raises(ValueError, match="default_sampling_params: unknown \\['top_k'\\]"):
+        ProcessorConfig(default_sampling_params=dict(top_k=5))

@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.config import parse_config
 from pipeline.driver import run_job
 from pipeline import report
+from pipeline.errors import UsageError
 from pipeline.rows import build_result_table
 from test_pipeline_support import REPO, PacedActor, job_argv, read_results, start_ray_cluster, subprocess_env
 
@@ -88,6 +89,16 @@ def test_cli_renders_and_refuses_a_directory_without_a_job(job_output, tmp_path)
     assert bad.returncode == 2 and "not a job output directory" in bad.stderr
 
 
+def test_without_matplotlib_the_report_names_the_extra_to_install(job_output, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(UsageError, match=r'the report needs matplotlib: pip install -e "\.\[report\]"'):
+        report.render_report(str(job_output))
+    from pipeline.cli import _render_report  # --report at the end of a job: a warning, the job still succeeds
+    _render_report(str(job_output))
+    assert 'warning: no report: the report needs matplotlib: pip install -e ".[report]"' in capsys.readouterr().err
+
+
 def test_report_of_a_job_killed_before_its_end(tmp_path):
     """Only result parts, no stats.json and no steps.parquet; every row failed: panels say "no data"."""
     (tmp_path / "results").mkdir()
@@ -103,7 +114,8 @@ def test_report_of_a_job_killed_before_its_end(tmp_path):
 def test_batch_size_drops_to_zero_when_the_engine_drains_and_hit_rate_is_cumulative():
     steps = dict(phase=np.array(["prefill", "decode", "prefill", "decode"]), batch_size=np.array([2, 2, 1, 1]),
                  num_running=np.array([2, 0, 1, 0]), num_waiting=np.zeros(4, int),
-                 num_tokens=np.array([30, 2, 5, 1]), prefix_cache_hit_tokens=np.array([0, 0, 15, 0]),
+                 num_tokens=np.array([30, 2, 5, 1]), num_prefill_tokens=np.array([30, 0, 5, 0]),
+                 prefix_cache_hit_tokens=np.array([0, 0, 15, 0]),
                  step_time_s=np.full(4, 0.1))
     t = np.array([0.1, 0.2, 1.1, 1.2])   # step ends; the engine is idle from 0.2 to 1.0
     x, y = report._batch_size(steps, t)
