@@ -28,7 +28,7 @@ STOP_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_mode
 class LaunchedStep:
     """A step whose forward and sampling are queued on the device; its tokens are read when it completes."""
     batch: SchedulerOutput
-    tokens: SampledTokens | list[int]  # one per sampling row of the batch
+    tokens: SampledTokens  # one per sampling row of the batch
 
 
 class LLMEngine:
@@ -44,7 +44,10 @@ class LLMEngine:
         logger.info("Configuration: %s", ", ".join(f"{k}={getattr(self.config, k)}" for k in config_names))
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
         self.model_runner = self._start_runners()
-        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self._eos_token_ids())
+        eos_token_ids = self._eos_token_ids()
+        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, eos_token_ids)
+        self.model_runner.eos_token_ids = sorted(eos_token_ids)
+        self.sync_seq_ids: set[int] = set()  # unfinished requests whose next step needs their tokens on the host
         self.step_callbacks: list[Callable[[StepRecord], None]] = []
         # Async scheduling feeds sampled tokens to the next step on the device (single-rank runner only).
         self.async_scheduling = self.config.async_scheduling and self.config.tensor_parallel_size == 1
@@ -108,12 +111,21 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> Sequence:
         """Queue one request (validated as in :meth:`encode_prompt`); it runs from the next step on."""
+        self._check_params(params)
         return self._add_encoded(self.encode_prompt(prompt, params.max_tokens), params, index)
 
     def _add_encoded(self, token_ids: list[int], params: SamplingParams, index: int) -> Sequence:
         seq = Sequence(token_ids, params, self.config.kvcache_block_size, index)
+        if params.has_penalties:
+            self.sync_seq_ids.add(seq.seq_id)
         self.scheduler.add(seq)
         return seq
+
+    def _check_params(self, params: SamplingParams) -> None:
+        vocab = self.config.hf_config.vocab_size
+        for name in ("logit_bias", "stop_token_ids"):
+            if any(t >= vocab for t in getattr(params, name)):
+                raise ValueError(f"SamplingParams.{name} has token ids outside the vocabulary [0, {vocab})")
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self.in_flight is None
@@ -133,15 +145,18 @@ class LLMEngine:
         """
         start = time.perf_counter()
         current = self.in_flight or self._launch(self._schedule())
-        self.in_flight = self._launch_ahead() if self.async_scheduling else None
-        token_ids = current.tokens if isinstance(current.tokens, list) else current.tokens.tolist()
+        # Steps of requests whose next inputs need their sampled tokens on the host run synchronously.
+        self.in_flight = self._launch_ahead() if self.async_scheduling and not self.sync_seq_ids else None
+        token_ids = current.tokens.tolist()
         seqs = current.batch.sampling_seqs
         new_tokens = {s.seq_id: [t] for s, t in zip(seqs, token_ids) if not s.is_finished}
+        self._record_logprobs(current.tokens, seqs, token_ids)
         finished = self.scheduler.postprocess(seqs, token_ids)
         finished += self._apply_stop_strings(seqs)
         now = time.perf_counter()
         for seq in finished:
             seq.finish_time = now
+            self.sync_seq_ids.discard(seq.seq_id)
         elapsed = now - start
         self.stats["steps"] += 1
         self.stats[f"{current.batch.phase}_time_s"] += elapsed
@@ -150,6 +165,20 @@ class LLMEngine:
         for fn in self.step_callbacks:
             fn(record)
         return StepOutput(finished, new_tokens, record)
+
+    def _record_logprobs(self, step: SampledTokens, seqs: list[Sequence], token_ids: list[int]) -> None:
+        for seq, first, logprobs in step.prompt_logprobs:
+            targets = seq.token_ids[first:first + len(logprobs.token)]
+            entries = logprobs.rows(targets, [seq.params.prompt_logprobs] * len(targets))
+            del seq.prompt_logprobs[first:]  # positions recomputed after a preemption come again
+            seq.prompt_logprobs += entries
+        if step.logprobs is None:
+            return
+        rows = step.logprob_rows
+        entries = step.logprobs.rows([token_ids[r] for r in rows], [seqs[r].params.logprobs for r in rows])
+        for row, entry in zip(rows, entries):
+            if not seqs[row].is_finished:
+                seqs[row].logprobs.append(entry)
 
     def _schedule(self) -> SchedulerOutput:
         batch = self.scheduler.schedule()
@@ -205,6 +234,7 @@ class LLMEngine:
         encoded = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
+                self._check_params(p)
                 encoded.append(self.encode_prompt(prompt, p.max_tokens))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
@@ -243,15 +273,25 @@ class LLMEngine:
         text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
         if seq.stop_text_end is not None:
             text = text[:seq.stop_text_end]
-        return dict(text=text, token_ids=seq.completion_token_ids, finish_reason=STOP_REASONS[seq.finish_reason],
-                    num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.first_cached_tokens or 0,
-                    ttft_s=seq.first_token_time - seq.arrival_time, latency_s=seq.finish_time - seq.arrival_time)
+        out = dict(text=text, token_ids=seq.completion_token_ids, finish_reason=STOP_REASONS[seq.finish_reason],
+                   num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.first_cached_tokens or 0,
+                   ttft_s=seq.first_token_time - seq.arrival_time, latency_s=seq.finish_time - seq.arrival_time)
+        if seq.logprobs is not None:
+            out["token_logprobs"], out["logprobs"] = _unzip(seq.logprobs)
+        if seq.prompt_logprobs is not None:
+            out["prompt_token_logprobs"], out["prompt_logprobs"] = _unzip(seq.prompt_logprobs)
+        return out
 
     def shutdown(self) -> None:
         """Release the model runner(s); the engine cannot be used afterwards."""
         if getattr(self, "model_runner", None) is not None:
             self.model_runner.shutdown()
             self.model_runner = None
+
+
+def _unzip(entries: list[tuple[float, dict] | None]) -> tuple[list, list]:
+    """[(logprob, alternatives) or None] -> ([logprob or None], [alternatives or None])."""
+    return [e and e[0] for e in entries], [e and e[1] for e in entries]
 
 
 class LLM(LLMEngine):

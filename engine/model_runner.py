@@ -3,7 +3,7 @@ the forward pass and sampling. Each step runs one :class:`SchedulerOutput`: a de
 graph; any other (prompt chunks, alone or with decode rows) runs eagerly through the paged prefill attention,
 where a decode row is a one-token query over its whole context."""
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 import numpy as np
@@ -13,16 +13,19 @@ import torch.distributed as dist
 from engine.config import Config
 from engine.context import get_context, reset_context, set_context
 from engine.layers.attention import Attention, select_backend
-from engine.layers.sampler import Sampler, SamplingBatch
+from engine.layers.sampler import Sampler, SamplingBatch, TokenLogprobs, token_logprobs
 from engine.loader import load_weights
 from engine.logger import get_logger, memory_summary, timed
 from engine.models import build_model
+from engine.logits_processors import PenaltyBatch, ProcessorRow, build_penalty_batch, needs_processing
 from engine.outputs import PENDING_TOKEN, SchedulerOutput
+from engine.sequence import Sequence
 
 logger = get_logger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where no memory profile is taken
 CASCADE_MIN_BATCH = 16  # smaller decode batches gain little from it and would pay its extra kernels
 MAX_GRAPH_BATCH = 512  # CUDA graphs are captured for decode batches up to min(max_num_seqs, this)
+PROMPT_LOGITS_CHUNK = 1024  # prompt logprobs: positions whose logits are computed at a time
 UPLOAD_ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignment: every uploaded view has it
 
 
@@ -43,6 +46,9 @@ class SampledTokens:
     device: torch.Tensor
     host: torch.Tensor
     ready: torch.cuda.Event | None
+    logprobs: TokenLogprobs | None = None  # rows ``logprob_rows`` of the sampled tokens (host, once ready)
+    logprob_rows: list[int] = field(default_factory=list)
+    prompt_logprobs: list[tuple[Sequence, int, TokenLogprobs]] = field(default_factory=list)  # (seq, from, lps)
 
     def tolist(self) -> list[int]:
         if self.ready is not None:
@@ -85,7 +91,8 @@ class ModelRunner:
         self.model.eval()
         logger.info("After model loading - %s", memory_summary(self.device))
         self.sampler = Sampler(config.seed)
-        self._sampling_cache: tuple[list[int], SamplingBatch] | None = None
+        self._sampling_cache: tuple[list[int], SamplingBatch, list[int]] | None = None
+        self.eos_token_ids: list[int] = []  # held back by min_tokens; set by the engine
         # The latest step's sampled tokens on the device and the row of each sequence in them (rank 0).
         self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -256,13 +263,29 @@ class ModelRunner:
         return Attention.backend == "triton" and batch >= CASCADE_MIN_BATCH
 
     def _prepare_sampling(self, batch: SchedulerOutput) -> SamplingBatch:
-        """Per-row sampling tensors of the rows that sample; reused while those sequences are unchanged (seeded
-        rows need fresh positions)."""
+        """Per-row sampling tensors of the rows that sample, plus the logits processors' inputs, made each step
+        for the rows that have them."""
         seqs = batch.sampling_seqs
+        sampling, processed = self._sampling_settings(batch, seqs)
+        if not processed:
+            return sampling
+        vocab_size = self.config.hf_config.vocab_size
+        return replace(sampling, penalties=self._penalty_batch([(r, seqs[r]) for r in processed], vocab_size))
+
+    def _penalty_batch(self, rows: list[tuple[int, Sequence]], vocab_size: int) -> PenaltyBatch:
+        """(Sequences with token penalties run synchronously, so their tokens are all known here.)"""
+        return build_penalty_batch([ProcessorRow(r, s.params, s.token_ids[:s.num_prompt_tokens], s.completion_token_ids,
+                                                 len(s) - 1 - s.num_prompt_tokens) for r, s in rows],
+                                   self.eos_token_ids, vocab_size, self.device)
+
+    def _sampling_settings(self, batch: SchedulerOutput, seqs: list[Sequence]
+                           ) -> tuple[SamplingBatch, list[int]]:
+        """The settings tensors, and the rows with logits processors; reused while the
+        sampling sequences are unchanged (seeded rows need fresh positions)."""
         key = [s.seq_id for s in seqs]
         if self._sampling_cache is not None and self._sampling_cache[0] == key \
                 and not self._sampling_cache[1].any_seeded:
-            return self._sampling_cache[1]
+            return self._sampling_cache[1:]
         params = [s.params for s in seqs]
         ends = [c + n for c, n, sample in zip(batch.num_computed_tokens, batch.num_scheduled_tokens, batch.sample)
                 if sample]
@@ -276,14 +299,20 @@ class ModelRunner:
                                  all_greedy=not floats[0].any(), any_greedy=not floats[0].all(),
                                  use_top_k_top_p=bool((ints[0] > 0).any() or (floats[1] < 1).any()),
                                  use_min_p=bool(floats[2].any()), any_seeded=bool((ints[1] >= 0).any()))
-        self._sampling_cache = (key, sampling)
-        return sampling
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if logprob_rows:
+            sampling.logprob_rows = self._upload(np.array(logprob_rows))[0]
+            sampling.logprob_row_list = logprob_rows
+            sampling.num_logprobs = max(params[i].logprobs for i in logprob_rows)
+        processed = [i for i, p in enumerate(params) if needs_processing(p)]
+        self._sampling_cache = (key, sampling, processed)
+        return sampling, processed
 
     # ----- forward --------------------------------------------------------------------------------
-    def run(self, batch: SchedulerOutput) -> list[int] | None:
-        """One engine step on this rank: returns the token sampled by each sampling row (rank 0), else None."""
-        sampled = self.launch(batch)
-        return sampled.tolist() if sampled is not None else None
+    def run(self, batch: SchedulerOutput) -> SampledTokens | None:
+        """One engine step on this rank (a tensor-parallel runner first sends the batch to the other ranks):
+        the token sampled by each sampling row (rank 0; read with ``tolist()``), else None."""
+        return self.launch(batch)
 
     @torch.inference_mode()
     def launch(self, batch: SchedulerOutput) -> SampledTokens | None:
@@ -302,27 +331,58 @@ class ModelRunner:
         if logger.isEnabledFor(logging.DEBUG) and logits is not None:
             logger.debug("[Rank %d] Output: logits=%s", self.rank, list(logits.shape))
         reset_context()
+        prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_rows else []
         if self.rank != 0:
             return None
         # Only the last row can be a chunk that stops short of its sequence's end (it used up the budget).
-        return self._sample(batch, logits[:num_sampled] if num_sampled else None, sampling)
+        return self._sample(batch, logits[:num_sampled] if num_sampled else None, sampling, prompt_logprobs)
 
-    def _sample(self, batch: SchedulerOutput, logits: torch.Tensor | None, sampling: SamplingBatch | None
-                ) -> SampledTokens:
-        """Sample the sampling rows' tokens and start their copy to the host; they stay on the device as the
-        next launch's pending inputs."""
+    def _prompt_logprobs(self, batch: SchedulerOutput, hidden: torch.Tensor
+                         ) -> list[tuple[Sequence, int, TokenLogprobs]]:
+        """Raw logprobs of the prompt tokens that follow the positions of each row in
+        ``batch.prompt_logprob_rows``, from those positions' logits only (PROMPT_LOGITS_CHUNK at a time; every
+        rank takes part in the LM head). Rank 0 gets ``(seq, position of the first token, logprobs)`` chunks."""
+        starts = np.cumsum([0] + batch.num_scheduled_tokens)
+        out = []
+        for row in batch.prompt_logprob_rows:
+            for begin in range(starts[row], starts[row + 1], PROMPT_LOGITS_CHUNK):
+                end = min(begin + PROMPT_LOGITS_CHUNK, starts[row + 1])
+                logits = self.model.lm_head.logits(hidden[begin:end])
+                if self.rank == 0:
+                    seq = batch.seqs[row]
+                    first = batch.num_computed_tokens[row] + int(begin - starts[row]) + 1
+                    targets = seq.token_ids[first:min(first + end - begin, seq.num_prompt_tokens)]
+                    logprobs = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+                    out.append((seq, first, self._to_host(token_logprobs(
+                        logprobs, self._upload(np.array(targets))[0], seq.params.prompt_logprobs))))
+        return out
+
+    def _sample(self, batch: SchedulerOutput, logits: torch.Tensor | None, sampling: SamplingBatch | None,
+                prompt_logprobs: list[tuple[Sequence, int, TokenLogprobs]]) -> SampledTokens:
+        """Sample the sampling rows' tokens and start their copy (and their logprobs') to the host; they stay on
+        the device as the next launch's pending inputs."""
+        logprobs = None
         if logits is None:
             sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         else:
-            sampled = self.sampler(logits, sampling)
+            sampled, logprobs = self.sampler.sample(logits, sampling)
         self._last_sampled = sampled, {seq.seq_id: i for i, seq in enumerate(batch.sampling_seqs)}
+        logprob_rows = sampling.logprob_row_list if logprobs is not None else []
         if self.device.type != "cuda":
-            return SampledTokens(sampled, sampled, None)
-        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-        host.copy_(sampled, non_blocking=True)
+            return SampledTokens(sampled, sampled, None, logprobs, logprob_rows, prompt_logprobs)
+        host, logprobs = self._to_host(sampled), logprobs and self._to_host(logprobs)
         ready = torch.cuda.Event()
         ready.record()
-        return SampledTokens(sampled, host, ready)
+        return SampledTokens(sampled, host, ready, logprobs, logprob_rows, prompt_logprobs)
+
+    def _to_host(self, x: torch.Tensor | TokenLogprobs) -> torch.Tensor | TokenLogprobs:
+        """Start copying to (pinned) host memory; the copy is complete once the step's ``ready`` event is."""
+        if self.device.type != "cuda":
+            return x
+        if isinstance(x, TokenLogprobs):
+            return TokenLogprobs(*map(self._to_host, (x.token, x.top_ids, x.top)))
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return host.copy_(x, non_blocking=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode_only: bool) -> torch.Tensor:
         if decode_only and self.graphs and input_ids.shape[0] <= self.graph_sizes[-1]:

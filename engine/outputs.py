@@ -24,6 +24,7 @@ class SchedulerOutput:
     num_decode_rows: int = 0
     num_preempted: int = 0
     num_cached_tokens: int = 0  # prefix-cache hits of the sequences admitted this step
+    prompt_logprob_rows: list[int] = field(default_factory=list)  # rows whose positions need prompt logprobs
 
     def add_row(self, seq: Sequence, token_ids: list[int], sample: bool) -> None:
         """Add ``token_ids`` of ``seq``, starting at its computed tokens, to the batch."""
@@ -33,6 +34,8 @@ class SchedulerOutput:
         self.token_ids.append(token_ids)
         self.block_tables.append(seq.block_table)
         self.sample.append(sample)
+        if seq.params.prompt_logprobs is not None and seq.num_computed_tokens + 1 < seq.num_prompt_tokens:
+            self.prompt_logprob_rows.append(self.num_rows - 1)
 
     @property
     def num_rows(self) -> int:

@@ -1,10 +1,17 @@
 """Per-request sampling settings, validated on construction."""
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20  # most alternatives per token that logprobs / prompt_logprobs may ask for
+MAX_LOGIT_BIAS = 100.0
+
 
 @dataclass
 class SamplingParams:
-    """How to sample one request. ``temperature=0`` is greedy; ``seed`` makes sampling reproducible per request."""
+    """How to sample one request. ``temperature=0`` is greedy; ``seed`` makes sampling reproducible per request.
+
+    ``logprobs=k`` / ``prompt_logprobs=k``: each generated / prompt token's logprob and the top-k alternatives,
+    from the model's raw logits (before penalties and temperature). Penalties, ``min_tokens`` and
+    ``logit_bias`` have vLLM's meanings."""
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -14,30 +21,59 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        checks = [
+        self.logit_bias = dict(self.logit_bias or {})
+        for field, ok, why in self._checks():
+            if not ok:
+                raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r} {why}")
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        return [
             ("temperature", _is_number(self.temperature) and self.temperature >= 0, "must be a number >= 0"),
             ("top_k", _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "must be -1 (off) or an int >= 1"),
             ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "must be an int >= 1"),
+            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= _or(self.max_tokens, 0),
+             "must be an int in [0, max_tokens]"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "must be a bool"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "must be ints >= 0"),
             ("seed", self.seed is None or _is_int(self.seed), "must be None or an int"),
+            ("logprobs", _is_optional_count(self.logprobs), f"must be None or an int in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", _is_optional_count(self.prompt_logprobs),
+             f"must be None or an int in [0, {MAX_LOGPROBS}]"),
+            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "must be a number > 0 (1 is off)"),
+            ("presence_penalty", _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("frequency_penalty", _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("logit_bias", all(_is_int(t) and t >= 0 and _is_number(b) and abs(b) <= MAX_LOGIT_BIAS
+                               for t, b in self.logit_bias.items()),
+             f"must map token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
-        for field, ok, why in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r} {why}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether a penalty that depends on the tokens so far is on (repetition, presence, frequency)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def _is_int(x: object) -> bool:
@@ -46,3 +82,12 @@ def _is_int(x: object) -> bool:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+def _or(x: object, default: int) -> int:
+    return x if _is_int(x) else default
+
+
+def _is_optional_count(x: object) -> bool:
+    return x is None or (_is_int(x) and 0 <= x <= MAX_LOGPROBS)
+

@@ -82,7 +82,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while its last token was in flight: recomputed once that token is known
-            cached = self.block_manager.cached_prefix(seq)
+            # prompt logprobs need every prompt position's logits, so such a request skips the prefix cache
+            cached = [] if seq.params.prompt_logprobs is not None else self.block_manager.cached_prefix(seq)
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_tokens = min(len(seq) - num_cached_tokens, budget)
             if not self.block_manager.allocate(seq, num_cached_tokens + num_tokens, cached):

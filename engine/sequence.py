@@ -30,6 +30,10 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks of block_table in the prefix-cache index
         self.num_pending = 0  # tokens sampled by launched steps whose values are not back yet
         self.params = params
+        # (logprob, {token id: logprob} of the top-k and the token) per generated / prompt token, when asked
+        self.logprobs: list[tuple[float, dict[int, float]]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = \
+            [None] if params.prompt_logprobs is not None else None  # the first prompt token has none
         self.finish_reason: str | None = None  # "eos" | "stop" | "max_tokens" | "max_model_len"
         self.stop_text_end: int | None = None  # cut the text here when a stop string matched
         self.arrival_time = time.perf_counter()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from engine.config import Config
 from engine.logger import get_logger
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, SampledTokens
 from engine.outputs import SchedulerOutput
 
 logger = get_logger(__name__)
@@ -87,7 +87,7 @@ class TensorParallelRunner(ModelRunner):
                     " (replicated)" if config.hf_config.num_key_value_heads < config.tensor_parallel_size else "",
                     self.model.model.embed_tokens.shard_size)
 
-    def run(self, batch: SchedulerOutput) -> list[int] | None:
+    def run(self, batch: SchedulerOutput) -> SampledTokens | None:
         message = batch.for_workers()
         for proc, conn in zip(self.workers, self.conns):
             if not proc.is_alive():

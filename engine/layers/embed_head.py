@@ -37,4 +37,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         ctx = get_context()
         if ctx.is_prefill:
             hidden = hidden[ctx.cu_seqlens_q[1:] - 1].contiguous()
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of every row of ``hidden`` (whatever the phase), gathered on rank 0."""
         return gather_to_first(F.linear(hidden, self.weight), dim=-1)

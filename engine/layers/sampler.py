@@ -8,13 +8,18 @@ so a seeded request samples the same tokens whatever else is in the batch.
 On CUDA the noise, scaling and argmax are one Triton kernel (``triton_fused.gumbel_argmax``) that makes the
 noise in registers: the hash above, bit for bit, for seeded rows; Philox keyed by (row, step seed) for the
 others. The step seed is a host-side counter, so consecutive steps differ without a device sync.
+
+:meth:`Sampler.sample` first takes the logprobs of the rows that ask for them from the raw logits, then applies
+the logits processors (``engine.logits_processors``) of the rows that have them; each
+part costs nothing when no row of the batch uses it (host flags, no kernels).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from engine.layers.fusion import use_triton_kernels
+from engine.logits_processors import PenaltyBatch, apply_penalties
 
 _MASK31 = (1 << 31) - 1
 _MIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # splitmix/murmur finaliser constants as signed int64
@@ -49,6 +54,35 @@ class SamplingBatch:
     use_top_k_top_p: bool
     use_min_p: bool
     any_seeded: bool
+    logprob_rows: torch.Tensor | None = None  # [R] rows whose sampled token's logprobs are returned
+    logprob_row_list: list[int] = field(default_factory=list)  # the same rows, on the host
+    num_logprobs: int = 0                     # top-k alternatives for them (the most any of them asks)
+    penalties: PenaltyBatch | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    """Per row: the logprob of its token, and the ``k`` most likely tokens with their logprobs."""
+    token: torch.Tensor    # [R]
+    top_ids: torch.Tensor  # [R, k]
+    top: torch.Tensor      # [R, k]
+
+    def rows(self, token_ids: list[int], ks: list[int]) -> list[tuple[float, dict[int, float]]]:
+        """Host form, row i: (logprob of ``token_ids[i]``, ``{token id: logprob}`` of its top ``ks[i]`` and
+        ``token_ids[i]``)."""
+        token, top_ids, top = self.token.tolist(), self.top_ids.tolist(), self.top.tolist()
+        out = []
+        for i, (token_id, k) in enumerate(zip(token_ids, ks)):
+            alternatives = dict(zip(top_ids[i][:k], top[i][:k]))
+            alternatives[token_id] = token[i]
+            out.append((token[i], alternatives))
+        return out
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> TokenLogprobs:
+    """From log-softmaxed rows ``[R, V]``: each row's logprob of ``token_ids[r]`` and its top ``k``."""
+    top, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    return TokenLogprobs(logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_ids, top)
 
 
 class Sampler(nn.Module):
@@ -57,6 +91,19 @@ class Sampler(nn.Module):
         self.seed = seed
         self.generator: torch.Generator | None = None
         self.step_seed = (seed * 0x9E3779B1) % _STEP_SEEDS  # spreads engine seeds over the counter's cycle
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, TokenLogprobs | None]:
+        """Sampled token ids ``[B]`` after the logits processors, and the raw logprobs of the
+        ``batch.logprob_rows`` (None when no row asks)."""
+        raw = None
+        if batch.logprob_rows is not None:
+            raw = torch.log_softmax(logits.index_select(0, batch.logprob_rows).float(), dim=-1)
+        if batch.penalties is not None:
+            logits = apply_penalties(logits, batch.penalties)
+        sampled = self(logits, batch)
+        if raw is None:
+            return sampled, None
+        return sampled, token_logprobs(raw, sampled.index_select(0, batch.logprob_rows), batch.num_logprobs)
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits ``[B, V]`` → sampled token ids ``[B]``."""

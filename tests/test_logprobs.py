@@ -1,0 +1,123 @@
+"""Logprobs of sampled tokens: taken from the raw logits, before penalties, grammar masks and temperature."""
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.layers.sampler import Sampler, SamplingBatch, token_logprobs
+from engine.logits_processors import ProcessorRow, build_penalty_batch
+
+
+def greedy_batch(n: int, **extra) -> SamplingBatch:
+    zeros = torch.zeros(n)
+    return SamplingBatch(zeros, zeros.long(), zeros + 1, zeros, zeros.long() - 1, zeros.long(), all_greedy=True,
+                         any_greedy=True, use_top_k_top_p=False, use_min_p=False, any_seeded=False, **extra)
+
+
+def test_token_logprobs_are_log_softmax_with_top_k():
+    logits = torch.randn(4, 30)
+    lp = torch.log_softmax(logits, -1)
+    out = token_logprobs(lp, torch.tensor([0, 5, 29, 7]), 3)
+    assert torch.equal(out.token, lp[torch.arange(4), torch.tensor([0, 5, 29, 7])])
+    assert torch.equal(out.top, lp.topk(3, -1).values) and torch.equal(out.top_ids, lp.topk(3, -1).indices)
+    token, alternatives = out.rows([0, 5, 29, 7], [3, 3, 1, 0])[2]
+    assert token == float(lp[2, 29]) and len(alternatives) <= 2 and alternatives[29] == token
+
+
+def test_sample_returns_raw_logprobs_of_the_asking_rows_only():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20)
+    raw = torch.log_softmax(logits, -1)
+    bias = build_penalty_batch([ProcessorRow(2, SamplingParams(logit_bias={4: 100.0}), [1], [], 0)], [], 20, "cpu")
+    sampled, logprobs = Sampler().sample(logits.clone(), greedy_batch(
+        3, logprob_rows=torch.tensor([0, 2]), num_logprobs=2, penalties=bias))
+    assert int(sampled[2]) == 4  # the bias decided the token, but its logprob is the model's
+    assert torch.equal(logprobs.token, raw[[0, 2], sampled[[0, 2]]])
+    assert torch.equal(logprobs.top_ids, raw[[0, 2]].topk(2, -1).indices)
+
+
+def test_no_logprobs_when_no_row_asks():
+    assert Sampler().sample(torch.randn(2, 9), greedy_batch(2))[1] is None
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+@pytest.mark.parametrize("value", [-1, 21, 1.5])
+def test_invalid_logprobs_name_the_field_and_range(field, value):
+    with pytest.raises(ValueError, match=rf"{field}={value!r} must be None or an int in \[0, 20\]"):
+        SamplingParams(**{field: value})
+
+
+# ----- the real model (SmolLM2-135M-Instruct, fp32 on CPU) against transformers -----------------------------------
+# The engine's fp32 forward and HF's round differently (logits differ by ~1e-6 relative): logprobs agree to ~1e-5
+# for the chosen tokens and to ~4e-5 for unlikely alternatives near -20, hence HF_TOLERANCE.
+HF_TOLERANCE = 5e-5
+PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}], "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from engine import LLM
+    # a 24-token step budget splits the chat prompt into chunks: prompt logprobs come from each chunk
+    llm = LLM("demo", device="cpu", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=24)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs(hf_gguf_model):
+    from engine.demo import smollm2_gguf_file
+    model = hf_gguf_model(smollm2_gguf_file())
+
+    def logprobs(token_ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([token_ids])).logits[0].float(), -1)
+    return logprobs
+
+
+def assert_matches(token_logprobs, alternatives, tokens, reference, k):
+    """Entry i is token ``tokens[i]`` under ``reference[i]`` (HF's logprobs of the position before it)."""
+    for lp, alts, token, ref in zip(token_logprobs, alternatives, tokens, reference):
+        assert abs(lp - float(ref[token])) < HF_TOLERANCE
+        assert set(alts) == set(ref.topk(k).indices.tolist()) | {token}
+        assert max(abs(alts[t] - float(ref[t])) for t in alts) < HF_TOLERANCE
+
+
+def test_logprobs_equal_hf_log_softmax_of_the_raw_logits(demo, hf_logprobs):
+    greedy = SamplingParams(temperature=0, max_tokens=4, logprobs=4, prompt_logprobs=3)
+    sampled = SamplingParams(temperature=1.5, top_k=20, seed=3, repetition_penalty=1.4, max_tokens=4, logprobs=0,
+                             prompt_logprobs=0)
+    cases = [(prompt, params) for params in (greedy, sampled) for prompt in PROMPTS]
+    outs = demo.generate([prompt for prompt, _ in cases], [params for _, params in cases], use_tqdm=False)
+    for (prompt, params), out in zip(cases, outs):
+        prompt_ids = demo.encode_prompt(prompt)
+        ref = hf_logprobs(prompt_ids + out["token_ids"])
+        n = len(prompt_ids)
+        assert len(out["logprobs"]) == len(out["token_ids"]) and len(out["prompt_logprobs"]) == n
+        assert_matches(out["token_logprobs"], out["logprobs"], out["token_ids"], ref[n - 1:], params.logprobs)
+        assert out["prompt_logprobs"][0] is None and out["prompt_token_logprobs"][0] is None
+        assert_matches(out["prompt_token_logprobs"][1:], out["prompt_logprobs"][1:], prompt_ids[1:], ref[:n - 1],
+                       params.prompt_logprobs)
+
+
+def test_logprobs_are_the_log_softmax_of_the_logits_before_penalties(demo, monkeypatch):
+    seen = []
+    sample = demo.model_runner.sampler.sample
+    monkeypatch.setattr(demo.model_runner.sampler, "sample", lambda logits, batch: seen.append(
+        (torch.log_softmax(logits.float(), -1), batch)) or sample(logits, batch))
+    params = SamplingParams(temperature=0.7, seed=1, max_tokens=3, logprobs=2, presence_penalty=2, logit_bias={11: 9})
+    out = demo.generate([PROMPTS[1]], params, use_tqdm=False)[0]
+    assert len(seen) == len(out["token_ids"])
+    for (raw, _), token, lp in zip(seen, out["token_ids"], out["token_logprobs"]):
+        assert lp == float(raw[0, token])
+
+
+def test_prompt_logprobs_skip_the_prefix_cache(demo):
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    first = demo.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    again = demo.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    assert again["num_cached_tokens"] == 0
+    assert again["prompt_token_logprobs"] == pytest.approx(first["prompt_token_logprobs"], abs=1e-5)
+
+
+def test_results_have_no_logprob_fields_unless_asked(demo):
+    out = demo.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    assert not {"logprobs", "token_logprobs", "prompt_logprobs", "prompt_token_logprobs"} & set(out)
