@@ -155,7 +155,7 @@ class JobRunner:
         self.queue: deque[Piece] = deque()          # waiting for an actor: retries and split halves, then new shards
         self.pending: dict[int, PendingShard] = {}
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
-        self.writes: list[Future] = []              # shards being written: (rows, generated tokens) when done
+        self.writes: list[Future] = []              # shards being written (each future yields its PendingShard)
         self.starting: dict[Any, LiveActor] = {}    # ready() ref -> actor
         self.actors: list[LiveActor] = []            # started and not failed
         self.running: dict[Any, LiveActor] = {}     # run_shard ref -> the actor running it
@@ -418,20 +418,20 @@ class JobRunner:
         steps = pa.concat_tables(shard.steps, promote_options="default") if shard.steps else None
         self.writes.append(self.writer.submit(self._write_files, shard, table, steps))
 
-    def _write_files(self, shard: PendingShard, table: pa.Table, steps: pa.Table | None) -> tuple[int, int]:
+    def _write_files(self, shard: PendingShard, table: pa.Table, steps: pa.Table | None) -> PendingShard:
         """In the writer thread: the shard's files, the part last (it marks the shard done)."""
         self.out.write_shard(shard.shard_id, table, steps)
-        self.done.add(shard.shard_id)
-        return table.num_rows, shard.generated_tokens
+        return shard
 
     def _count_written(self, wait: bool) -> None:
         """Count the shards whose files are written (raising the first write's failure); with ``wait``, all."""
         finished = [w for w in self.writes if wait or w.done()]
         for write in finished:
             self.writes.remove(write)
-            rows, generated_tokens = write.result()
-            self.stats.shard_written(rows, generated_tokens)
-            self.progress.advance(rows, generated_tokens)
+            shard = write.result()
+            self.done.add(shard.shard_id)
+            self.stats.shard_written(shard.table.num_rows, shard.generated_tokens)
+            self.progress.advance(shard.table.num_rows, shard.generated_tokens)
 
     def _finish_writes(self) -> None:
         """Let the writes under way end (each is atomic, so every shard is either written or not), count them."""

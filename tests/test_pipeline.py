@@ -7,6 +7,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -201,6 +202,31 @@ JOB_A_ERRORS = {2: "invalid prompt: prompt must be a string", 7: "prompt is empt
                 32: "SamplingParams.top_p=1.5"}
 
 
+class MetricNamesSeen:
+    """The metric names a job's series had on the Prometheus endpoint, scraped twice a second while in the block
+    (Ray stops exporting an actor's gauges once the actor is gone)."""
+
+    def __init__(self, port: int, job_id: str):
+        self.port, self.job_id, self.names = port, job_id, set()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "MetricNamesSeen":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.5):
+            try:
+                self.names |= {n for n, labels, _ in scrape_metrics(self.port) if labels.get("job_id") == self.job_id}
+            except OSError:  # the endpoint is not up yet
+                pass
+
+
 def _prompt_of_tokens(tokenizer, n: int) -> str:
     words = []
     while len(tokenizer.encode(" ".join(words))) < n:
@@ -236,11 +262,14 @@ def job_a(ray_cluster, tmp_path_factory):
                       "seed": pa.array(seed, pa.int64())})
     pq.write_table(table, root / "input.parquet")
     output = root / "out"
-    report = run_job(parse_config(job_argv(root / "input.parquet", output, "--log-level", "INFO", "--job-id", JOB_A_ID,
-                                           "--engine-arg", "num_kvcache_blocks=6", actors=2, shard_size=5)),
-                     actor_cls=PacedActor)
+    with MetricNamesSeen(ray_cluster.metrics_port, JOB_A_ID) as names_seen:  # gauges last only while actors live
+        report = run_job(parse_config(job_argv(root / "input.parquet", output, "--log-level", "INFO", "--job-id",
+                                               JOB_A_ID, "--engine-arg", "num_kvcache_blocks=6", actors=2,
+                                               shard_size=5)),
+                         actor_cls=PacedActor)
     assert report.status == "completed" and report.exit_code == 0
     return dict(input=table, output=output, results=read_results(output).sort_by("id"), report=report,
+                metric_names=names_seen.names,
                 stats=json.loads((output / "stats.json").read_text()), steps=pq.read_table(output / "steps.parquet"))
 
 
@@ -379,7 +408,7 @@ def test_metrics_reach_the_prometheus_endpoint(job_a, ray_cluster):
     assert [rows[i]["finish_reason"] for i in JOB_A_EOS] == ["stop"] * len(JOB_A_EOS)
     assert total("ray_nanovllm_generated_tokens_total") == stats["generated_tokens"]
     assert total("ray_nanovllm_step_time_s_count") == sum(a["steps"] for a in stats["actors"].values())
-    names = {n for n, _, _ in samples}
+    names = {n for n, _, _ in samples} | job_a["metric_names"]
     assert {"ray_nanovllm_running_seqs", "ray_nanovllm_waiting_seqs", "ray_nanovllm_kv_cache_usage",
             "ray_nanovllm_prefix_cache_hit_rate"} <= names
     # The names the README lists are the names Prometheus shows (a histogram as its _count, _sum, _bucket).
