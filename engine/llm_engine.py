@@ -17,6 +17,7 @@ from engine.outputs import SchedulerOutput, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.structured import GrammarError, GrammarQueue, advance
 
 logger = get_logger(__name__)
 Prompt = str | list[int] | list[dict]
@@ -47,6 +48,7 @@ class LLMEngine:
         eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, eos_token_ids)
         self.model_runner.eos_token_ids = sorted(eos_token_ids)
+        self.grammars = GrammarQueue(self.tokenizer, self.config.hf_config.vocab_size, sorted(eos_token_ids))
         self.sync_seq_ids: set[int] = set()  # unfinished requests whose next step needs their tokens on the host
         self.step_callbacks: list[Callable[[StepRecord], None]] = []
         # Async scheduling feeds sampled tokens to the next step on the device (single-rank runner only).
@@ -115,11 +117,26 @@ class LLMEngine:
         return self._add_encoded(self.encode_prompt(prompt, params.max_tokens), params, index)
 
     def _add_encoded(self, token_ids: list[int], params: SamplingParams, index: int) -> Sequence:
+        """Queue a sequence; one with an output constraint waits (outside the scheduler) for its grammar."""
         seq = Sequence(token_ids, params, self.config.kvcache_block_size, index)
-        if params.has_penalties:
+        if params.has_penalties or params.structured:
             self.sync_seq_ids.add(seq.seq_id)
-        self.scheduler.add(seq)
+        if params.structured:
+            self.grammars.add(seq)
+        else:
+            self.scheduler.add(seq)
         return seq
+
+    def _check_grammars(self, params: list[SamplingParams]) -> None:
+        """Compile every output constraint (in parallel, each distinct one once); ValueError naming the first
+        prompt whose constraint does not compile."""
+        futures = [self.grammars.submit(p) for p in params]
+        for i, future in enumerate(futures):
+            try:
+                if future is not None:
+                    future.result()
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
 
     def _check_params(self, params: SamplingParams) -> None:
         vocab = self.config.hf_config.vocab_size
@@ -128,7 +145,7 @@ class LLMEngine:
                 raise ValueError(f"SamplingParams.{name} has token ids outside the vocabulary [0, {vocab})")
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished() and self.in_flight is None
+        return self.scheduler.is_finished() and self.in_flight is None and not self.grammars.waiting
 
     def add_step_callback(self, fn: Callable[[StepRecord], None]) -> None:
         """Call ``fn(record)`` after every engine step."""
@@ -144,6 +161,7 @@ class LLMEngine:
         overlaps the device work of the other instead of leaving the GPU idle.
         """
         start = time.perf_counter()
+        self._admit_compiled()
         current = self.in_flight or self._launch(self._schedule())
         # Steps of requests whose next inputs need their sampled tokens on the host run synchronously.
         self.in_flight = self._launch_ahead() if self.async_scheduling and not self.sync_seq_ids else None
@@ -152,6 +170,7 @@ class LLMEngine:
         new_tokens = {s.seq_id: [t] for s, t in zip(seqs, token_ids) if not s.is_finished}
         self._record_logprobs(current.tokens, seqs, token_ids)
         finished = self.scheduler.postprocess(seqs, token_ids)
+        finished += self._advance_grammars([s for s in seqs if s.seq_id in new_tokens])
         finished += self._apply_stop_strings(seqs)
         now = time.perf_counter()
         for seq in finished:
@@ -166,6 +185,17 @@ class LLMEngine:
             fn(record)
         return StepOutput(finished, new_tokens, record)
 
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar compiled to the scheduler; wait for one when nothing else can run. A
+        grammar that does not compile raises ValueError naming its request, which is dropped."""
+        wait = self.scheduler.is_finished() and self.in_flight is None
+        try:
+            for seq in self.grammars.ready(wait):
+                self.scheduler.add(seq)
+        except GrammarError as e:
+            self.sync_seq_ids.discard(e.seq.seq_id)
+            raise ValueError(f"request {e.seq.index} (seq {e.seq.seq_id}): {e}") from None
+
     def _record_logprobs(self, step: SampledTokens, seqs: list[Sequence], token_ids: list[int]) -> None:
         for seq, first, logprobs in step.prompt_logprobs:
             targets = seq.token_ids[first:first + len(logprobs.token)]
@@ -179,6 +209,20 @@ class LLMEngine:
         for row, entry in zip(rows, entries):
             if not seqs[row].is_finished:
                 seqs[row].logprobs.append(entry)
+
+    def _advance_grammars(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Move each constrained sequence's matcher past its new token; finish those whose grammar ended."""
+        finished = []
+        for seq in seqs:
+            if seq.grammar is None or seq.is_finished:
+                continue
+            if advance(seq.grammar, seq.token_ids[-1]) and not seq.grammar.is_terminated():
+                continue
+            if not seq.grammar.is_terminated():
+                logger.warning("seq %d: token %d is outside its grammar; finishing it", seq.seq_id, seq.token_ids[-1])
+            self.scheduler.finish(seq, "stop")
+            finished.append(seq)
+        return finished
 
     def _schedule(self) -> SchedulerOutput:
         batch = self.scheduler.schedule()
@@ -238,6 +282,7 @@ class LLMEngine:
                 encoded.append(self.encode_prompt(prompt, p.max_tokens))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        self._check_grammars(params)
         seqs = [self._add_encoded(ids, p, i) for i, (ids, p) in enumerate(zip(encoded, params))]
         total_prompt_tokens = sum(s.num_prompt_tokens for s in seqs)
         self.stats["prompt_tokens"] += total_prompt_tokens
@@ -284,6 +329,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Release the model runner(s); the engine cannot be used afterwards."""
+        if getattr(self, "grammars", None) is not None:
+            self.grammars.shutdown()
         if getattr(self, "model_runner", None) is not None:
             self.model_runner.shutdown()
             self.model_runner = None

@@ -8,8 +8,8 @@ that ask for them:
 - ``presence_penalty`` / ``frequency_penalty`` (over output tokens): ``logit -= presence * (count > 0) +
   frequency * count``.
 
-They are applied in that order (vLLM's: bias and min_tokens, then the penalties), before temperature, top-k,
-top-p and min-p.
+They are applied in that order (vLLM's: bias and min_tokens, then the penalties), after the grammar mask and
+before temperature, top-k, top-p and min-p.
 """
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass

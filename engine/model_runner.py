@@ -91,7 +91,7 @@ class ModelRunner:
         self.model.eval()
         logger.info("After model loading - %s", memory_summary(self.device))
         self.sampler = Sampler(config.seed)
-        self._sampling_cache: tuple[list[int], SamplingBatch, list[int]] | None = None
+        self._sampling_cache: tuple[list[int], SamplingBatch, list[int], list[int]] | None = None
         self.eos_token_ids: list[int] = []  # held back by min_tokens; set by the engine
         # The latest step's sampled tokens on the device and the row of each sequence in them (rank 0).
         self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
@@ -263,14 +263,19 @@ class ModelRunner:
         return Attention.backend == "triton" and batch >= CASCADE_MIN_BATCH
 
     def _prepare_sampling(self, batch: SchedulerOutput) -> SamplingBatch:
-        """Per-row sampling tensors of the rows that sample, plus the logits processors' inputs, made each step
-        for the rows that have them."""
+        """Per-row sampling tensors of the rows that sample, plus the logits processors' inputs and the grammar
+        bitmask, made each step for the rows that have them."""
         seqs = batch.sampling_seqs
-        sampling, processed = self._sampling_settings(batch, seqs)
-        if not processed:
+        sampling, processed, constrained = self._sampling_settings(batch, seqs)
+        if not processed and not constrained:
             return sampling
         vocab_size = self.config.hf_config.vocab_size
-        return replace(sampling, penalties=self._penalty_batch([(r, seqs[r]) for r in processed], vocab_size))
+        penalties = self._penalty_batch([(r, seqs[r]) for r in processed], vocab_size) if processed else None
+        bitmask = None
+        if constrained:
+            from engine.structured import fill_bitmask
+            bitmask = fill_bitmask([(r, seqs[r].grammar) for r in constrained], len(seqs), vocab_size, self.device)
+        return replace(sampling, penalties=penalties, bitmask=bitmask)
 
     def _penalty_batch(self, rows: list[tuple[int, Sequence]], vocab_size: int) -> PenaltyBatch:
         """(Sequences with token penalties run synchronously, so their tokens are all known here.)"""
@@ -279,8 +284,8 @@ class ModelRunner:
                                    self.eos_token_ids, vocab_size, self.device)
 
     def _sampling_settings(self, batch: SchedulerOutput, seqs: list[Sequence]
-                           ) -> tuple[SamplingBatch, list[int]]:
-        """The settings tensors, and the rows with logits processors; reused while the
+                           ) -> tuple[SamplingBatch, list[int], list[int]]:
+        """The settings tensors, and the rows with logits processors and with a grammar; reused while the
         sampling sequences are unchanged (seeded rows need fresh positions)."""
         key = [s.seq_id for s in seqs]
         if self._sampling_cache is not None and self._sampling_cache[0] == key \
@@ -305,8 +310,9 @@ class ModelRunner:
             sampling.logprob_row_list = logprob_rows
             sampling.num_logprobs = max(params[i].logprobs for i in logprob_rows)
         processed = [i for i, p in enumerate(params) if needs_processing(p)]
-        self._sampling_cache = (key, sampling, processed)
-        return sampling, processed
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        self._sampling_cache = (key, sampling, processed, constrained)
+        return sampling, processed, constrained
 
     # ----- forward --------------------------------------------------------------------------------
     def run(self, batch: SchedulerOutput) -> SampledTokens | None:

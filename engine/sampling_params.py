@@ -1,8 +1,10 @@
 """Per-request sampling settings, validated on construction."""
+import json
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # most alternatives per token that logprobs / prompt_logprobs may ask for
 MAX_LOGIT_BIAS = 100.0
+STRUCTURED_FIELDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 @dataclass
@@ -10,8 +12,8 @@ class SamplingParams:
     """How to sample one request. ``temperature=0`` is greedy; ``seed`` makes sampling reproducible per request.
 
     ``logprobs=k`` / ``prompt_logprobs=k``: each generated / prompt token's logprob and the top-k alternatives,
-    from the model's raw logits (before penalties and temperature). Penalties, ``min_tokens`` and
-    ``logit_bias`` have vLLM's meanings."""
+    from the model's raw logits (before penalties, grammar masks and temperature). Penalties, ``min_tokens`` and
+    ``logit_bias`` have vLLM's meanings. At most one of :data:`STRUCTURED_FIELDS` constrains the output."""
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -28,6 +30,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,6 +45,10 @@ class SamplingParams:
         for field, ok, why in self._checks():
             if not ok:
                 raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r} {why}")
+        chosen = [f for f in STRUCTURED_FIELDS if getattr(self, f) not in (None, False)]
+        if len(chosen) > 1:
+            raise ValueError(f"SamplingParams: at most one of {', '.join(STRUCTURED_FIELDS)} may be set, "
+                             f"got {', '.join(chosen)}")
 
     def _checks(self) -> list[tuple[str, bool, str]]:
         return [
@@ -64,6 +75,16 @@ class SamplingParams:
             ("logit_bias", all(_is_int(t) and t >= 0 and _is_number(b) and abs(b) <= MAX_LOGIT_BIAS
                                for t, b in self.logit_bias.items()),
              f"must map token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
+            ("json_schema", self.json_schema is None or _is_json_schema(self.json_schema),
+             "must be None, a dict or a JSON string"),
+            ("json_object", isinstance(self.json_object, bool), "must be a bool"),
+            ("regex", self.regex is None or (isinstance(self.regex, str) and self.regex != ""),
+             "must be None or a non-empty string"),
+            ("choice", self.choice is None or (isinstance(self.choice, list) and len(self.choice) > 0
+                                               and all(isinstance(c, str) and c for c in self.choice)),
+             "must be None or a non-empty list of non-empty strings"),
+            ("grammar", self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
+             "must be None or a non-empty EBNF string"),
         ]
 
     @property
@@ -74,6 +95,22 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         """Whether a penalty that depends on the tokens so far is on (repetition, presence, frequency)."""
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def structured(self) -> tuple[str, str] | None:
+        """The output constraint as a hashable ``(kind, spec)`` (JSON texts canonical), or None."""
+        if self.json_schema is not None:
+            schema = json.loads(self.json_schema) if isinstance(self.json_schema, str) else self.json_schema
+            return "json_schema", json.dumps(schema, sort_keys=True)
+        if self.json_object:
+            return "json_object", ""
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return None
 
 
 def _is_int(x: object) -> bool:
@@ -91,3 +128,11 @@ def _or(x: object, default: int) -> int:
 def _is_optional_count(x: object) -> bool:
     return x is None or (_is_int(x) and 0 <= x <= MAX_LOGPROBS)
 
+
+def _is_json_schema(x: object) -> bool:
+    if isinstance(x, dict):
+        return True
+    try:
+        return isinstance(x, str) and isinstance(json.loads(x), (dict, bool))
+    except ValueError:
+        return False

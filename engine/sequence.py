@@ -34,6 +34,7 @@ class Sequence:
         self.logprobs: list[tuple[float, dict[int, float]]] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = \
             [None] if params.prompt_logprobs is not None else None  # the first prompt token has none
+        self.grammar = None  # the request's xgrammar matcher once its grammar compiled (structured outputs)
         self.finish_reason: str | None = None  # "eos" | "stop" | "max_tokens" | "max_model_len"
         self.stop_text_end: int | None = None  # cut the text here when a stop string matched
         self.arrival_time = time.perf_counter()

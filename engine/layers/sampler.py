@@ -10,7 +10,7 @@ noise in registers: the hash above, bit for bit, for seeded rows; Philox keyed b
 others. The step seed is a host-side counter, so consecutive steps differ without a device sync.
 
 :meth:`Sampler.sample` first takes the logprobs of the rows that ask for them from the raw logits, then applies
-the logits processors (``engine.logits_processors``) of the rows that have them; each
+the grammar bitmask and the logits processors (``engine.logits_processors``) of the rows that have them; each
 part costs nothing when no row of the batch uses it (host flags, no kernels).
 """
 from dataclasses import dataclass, field
@@ -58,6 +58,7 @@ class SamplingBatch:
     logprob_row_list: list[int] = field(default_factory=list)  # the same rows, on the host
     num_logprobs: int = 0                     # top-k alternatives for them (the most any of them asks)
     penalties: PenaltyBatch | None = None
+    bitmask: tuple[torch.Tensor, list[int]] | None = None  # grammar rows' token bitmask, and those rows
 
 
 @dataclass
@@ -93,13 +94,16 @@ class Sampler(nn.Module):
         self.step_seed = (seed * 0x9E3779B1) % _STEP_SEEDS  # spreads engine seeds over the counter's cycle
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, TokenLogprobs | None]:
-        """Sampled token ids ``[B]`` after the logits processors, and the raw logprobs of the
+        """Sampled token ids ``[B]`` after the grammar mask and logits processors, and the raw logprobs of the
         ``batch.logprob_rows`` (None when no row asks)."""
         raw = None
         if batch.logprob_rows is not None:
             raw = torch.log_softmax(logits.index_select(0, batch.logprob_rows).float(), dim=-1)
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
+        if batch.bitmask is not None:
+            from engine.structured import apply_bitmask
+            logits = apply_bitmask(logits, batch.bitmask)
         sampled = self(logits, batch)
         if raw is None:
             return sampled, None

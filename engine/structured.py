@@ -1,0 +1,148 @@
+"""Structured outputs with xgrammar: ``json_schema``, ``json_object``, ``regex``, ``choice`` or an EBNF
+``grammar`` constrains what a request may generate.
+
+Grammars compile in a thread pool when the request is added (cached by spec, so equal specs compile once) and
+the request waits for its grammar without holding up the other sequences' steps. Each step, every constrained
+row's matcher fills its row of one token bitmask for the batch, which masks the logits on the device before
+sampling; the sampled token then advances the matcher on the host. Because the next mask needs that token,
+steps with a constrained sequence running are synchronous (no async launch-ahead).
+"""
+import json
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import torch
+
+from engine.logger import get_logger
+
+logger = get_logger(__name__)
+COMPILE_THREADS = 2
+
+
+class GrammarCompiler:
+    """Compiles output constraints for one tokenizer, in the background, each distinct spec once."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        import xgrammar as xgr
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self._info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                        stop_token_ids=self.stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(self._info)
+        self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
+        self._compiled: dict[tuple[str, str], Future] = {}
+
+    def submit(self, spec: tuple[str, str]) -> Future:
+        """A future of the compiled grammar of ``spec`` (``SamplingParams.structured``); its result raises
+        ValueError when the spec does not compile."""
+        if spec not in self._compiled:
+            self._compiled[spec] = self._pool.submit(self._compile, spec)
+        return self._compiled[spec]
+
+    def _compile(self, spec: tuple[str, str]):
+        kind, text = spec
+        start = time.perf_counter()
+        try:
+            compiled = self._compile_kind(kind, text)
+        except RuntimeError as e:  # xgrammar reports bad specs as RuntimeError
+            raise ValueError(f"{kind} does not compile: {str(e).strip()}") from None
+        logger.debug("Compiled %s grammar in %.1f ms", kind, (time.perf_counter() - start) * 1e3)
+        return compiled
+
+    def _compile_kind(self, kind: str, text: str):
+        compiler = self._compiler
+        if kind == "json_schema":
+            return compiler.compile_json_schema(text, any_whitespace=False)
+        if kind == "json_object":
+            return compiler.compile_builtin_json_grammar()
+        if kind == "regex":
+            return compiler.compile_regex(text)
+        if kind == "choice":
+            alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text))
+            return compiler.compile_grammar(f"root ::= {alternatives}")
+        return compiler.compile_grammar(text)
+
+    def matcher(self, compiled):
+        """A fresh ``xgrammar.GrammarMatcher`` at the start of ``compiled``."""
+        return self._xgr.GrammarMatcher(compiled)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def advance(matcher, token_id: int) -> bool:
+    """Move a matcher past a sampled token; False if its grammar does not allow it (or has already ended)."""
+    return not matcher.is_terminated() and matcher.accept_token(token_id)
+
+
+def fill_bitmask(matchers: list[tuple[int, object]], num_rows: int, vocab_size: int,
+                 device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The batch's token bitmask ``[num_rows, ceil(V / 32)]`` on ``device``, filled for each ``(row,
+    matcher)``, and those rows."""
+    import xgrammar as xgr
+    bitmask = xgr.allocate_token_bitmask(num_rows, vocab_size)
+    for row, m in matchers:
+        m.fill_next_token_bitmask(bitmask, row)
+    if device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+    return bitmask, [row for row, _ in matchers]
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int]]) -> torch.Tensor:
+    """Set the logits of disallowed tokens to -inf in the bitmask's rows (in place, after a cast to float32)."""
+    import xgrammar as xgr
+    logits = logits.float()
+    mask, rows = bitmask
+    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=rows)
+    return logits
+
+
+class GrammarError(ValueError):
+    """A request's output constraint did not compile."""
+
+    def __init__(self, seq, error: BaseException):
+        super().__init__(str(error))
+        self.seq = seq
+
+
+class GrammarQueue:
+    """Requests waiting for their grammar; the compiler starts with the first constrained request."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        self._compiler_args = tokenizer, vocab_size, stop_token_ids
+        self._compiler: GrammarCompiler | None = None
+        self.waiting: list[tuple[object, Future]] = []  # (Sequence, its compiled grammar)
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(*self._compiler_args)
+        return self._compiler
+
+    def submit(self, params) -> Future | None:
+        """Start compiling the constraint of a ``SamplingParams`` (None when it has none)."""
+        spec = params.structured
+        return self.compiler.submit(spec) if spec is not None else None
+
+    def add(self, seq) -> None:
+        self.waiting.append((seq, self.submit(seq.params)))
+
+    def ready(self, block: bool) -> list:
+        """The waiting sequences whose grammar has compiled, each given its matcher (``seq.grammar``). With
+        ``block``, wait until at least one has. Raises GrammarError for (and drops) one that did not compile."""
+        if block and self.waiting:
+            wait([f for _, f in self.waiting], return_when=FIRST_COMPLETED)
+        done = [(seq, f) for seq, f in self.waiting if f.done()]
+        for seq, future in done:
+            if future.exception() is not None:
+                self.waiting.remove((seq, future))
+                raise GrammarError(seq, future.exception())
+        self.waiting = [(seq, f) for seq, f in self.waiting if not f.done()]
+        for seq, future in done:
+            seq.grammar = self.compiler.matcher(future.result())
+        return [seq for seq, _ in done]
+
+    def shutdown(self) -> None:
+        if self._compiler is not None:
+            self._compiler.shutdown()
