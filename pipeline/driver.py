@@ -1,11 +1,11 @@
 """The driver: check everything that can be checked before Ray starts, start Ray and the actors, run the job.
 
-Order matters for the user. Flags (pipeline.config), the output directory, the model, the input and its
-columns are checked first, so a mistake costs one line and nothing is started. The model is resolved
-exactly as the actors will resolve it (a model that cannot be found or fetched fails here, in one line),
-while the input is opened. Then Ray starts (or is joined) and the actors start loading their engines while
-the input is fingerprinted and the manifest checked; then the dispatch loop (:mod:`pipeline.dispatch`) runs,
-and Ray is left as it was found.
+Order matters for the user. Flags (pipeline.config), the output directory, the input and its columns are
+checked first, so such a mistake costs one line and nothing is started. The model is resolved exactly as
+the actors will resolve it, in a thread, while the input is read and Ray starts (or is joined): a model that
+cannot be found or fetched fails the job in one line before any actor starts. The actors then load their
+engines while the input is fingerprinted and the manifest checked; then the dispatch loop
+(:mod:`pipeline.dispatch`) runs, and Ray is left as it was found.
 """
 import logging
 import math
@@ -67,16 +67,16 @@ def run_job(config: JobConfig, actor_cls: type = EngineActor, stop: StopRequest 
     """
     started = time.monotonic()
     with nullcontext(stop) if stop is not None else StopRequest() as stop:
-        model = in_background(check_model, config.model, config.log_level)  # while the input is opened and checked
+        model = in_background(check_model, config.model, config.log_level)  # while the input is read, Ray starts
         plan = plan_job(config)
         if plan.shards_left == 0 and plan.out.manifest_path.exists():
             prepare_output(config, plan)  # a finished job: the input must still be the same one
             log.info("all %d shards are already written in %s; nothing to do (--overwrite recomputes)",
                      plan.num_shards, plan.out.results)
             return JobReport("nothing to do", 0, plan.out.root)
-        model.result()
         fingerprint = in_background(fingerprint_input, plan.source)  # while Ray and the actors start
         with ray_session(config.address):
+            model.result()  # a model that cannot be resolved stops the job here, before any actor starts
             runner = make_runner(config, plan, actor_cls, stop, started)
             try:
                 runner.start_actors()     # they load their engines while the input is fingerprinted

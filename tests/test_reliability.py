@@ -27,6 +27,7 @@ from test_pipeline_support import (REPO, PacedActor, assert_each_id_once, free_p
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 
 PROMPTS = [f"Prompt number {i} about the sea" for i in range(8)]
+RAY_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) \w+\.py:\d+ -- ")  # Ray's own logger
 
 
 # ----- bad inputs and flags: one line, non-zero exit, nothing started ---------------------------------------------
@@ -41,7 +42,6 @@ def _bad_inputs(tmp_path):
     pq.write_table(pa.table({"prompt": ["a"], "max_tokens": ["lots"]}), tmp_path / "str_override.parquet")
     pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     (tmp_path / "empty_dir").mkdir()
-    (tmp_path / "model_without_config").mkdir()
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "stale" / "results").mkdir(parents=True)
     out = str(tmp_path / "out")
@@ -62,12 +62,6 @@ def _bad_inputs(tmp_path):
                                 "column 'max_tokens' .* has type string", 2),
         "empty dataset": (["--input", str(tmp_path / "empty.parquet"), "--output", out], "has no rows", 2),
         "empty directory": (["--input", str(tmp_path / "empty_dir"), "--output", out], "has no data files", 2),
-        "unknown model path": (["--input", str(ok), "--model", "/no/such/model", "--output", out],
-                               "--model /no/such/model: .*neither a local model directory", 2),
-        "model dir without config": (["--input", str(ok), "--model", str(tmp_path / "model_without_config"),
-                                      "--output", out], "has no config.json", 2),
-        "hub id without a slash": (["--input", str(ok), "--model", "gpt2", "--output", out],
-                                   "--model gpt2: .*neither a local model directory", 2),
         "output is a file": (["--input", str(ok), "--output", str(tmp_path / "a_file")], "not a directory", 2),
         "output under a file": (["--input", str(ok), "--output", str(tmp_path / "a_file" / "sub")],
                                 "cannot create directory", 2),
@@ -101,6 +95,23 @@ def test_bad_inputs_and_flags_fail_early_with_one_line(tmp_path, capsys, monkeyp
     assert not (tmp_path / "out").exists()  # nothing was written for any of them
 
 
+def test_models_that_cannot_be_resolved_fail_with_one_line_before_any_actor(tmp_path, capsys, monkeypatch):
+    """The engine's own rule (engine.loader.resolve_model_path) decides, in the driver, while Ray starts: a path
+    that does not exist, a directory without config.json, a hub id without its org/ (gpt2) that every actor
+    would refuse."""
+    (tmp_path / "model_without_config").mkdir()
+    cases = {"/no/such/model": "neither a local model directory", str(tmp_path / "model_without_config"):
+             "has no config.json", "gpt2": "neither a local model directory"}
+    monkeypatch.setattr("pipeline.driver.connect_ray", lambda address: None)  # Ray may start meanwhile; not here
+    monkeypatch.setattr("pipeline.driver.make_runner", lambda *a: pytest.fail("no actor may start"))
+    ok = write_prompts(tmp_path / "ok.parquet", PROMPTS)
+    for model, message in cases.items():
+        assert main(["--input", str(ok), "--model", model, "--output", str(tmp_path / "out")]) == 2, model
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[pipeline]")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: --model {model}: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_exit_status_and_message(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "offline_batch.py"), "--input",
                            str(tmp_path / "missing.parquet")], env=subprocess_env(), capture_output=True, text=True,
@@ -114,16 +125,19 @@ def test_cli_exit_status_and_message(tmp_path):
     ("--input", "someone/prompts", "input someone/prompts: not a local path, and the Hugging Face hub cannot be reached"),
 ], ids=["model", "dataset"])
 def test_what_cannot_be_fetched_fails_fast_in_one_line(tmp_path, flag, name, message):
-    """A hub that refuses connections and an empty cache: one line, exit 2, no retries, no actor, no Ray."""
+    """A hub that refuses connections and an empty cache: one line, exit 2, no retries, no actor, nothing written
+    (the model is resolved while Ray starts, so for it a local Ray may start and stop meanwhile)."""
     env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HOME=str(tmp_path / "hf-home"))
     other = ["--input", str(write_prompts(tmp_path / "in.parquet", PROMPTS))] if flag == "--model" else []
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "offline_batch.py"), flag, name, *other, "--output",
                            str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=180)
-    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("[pipeline]")]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr[-3000:]
-    assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith(f"error: {message}"), proc.stderr[-3000:]
+    ours = [line for line in lines if not line.startswith("[pipeline]") and not RAY_LOG_LINE.match(line)]
+    assert ours == lines[-1:], ours  # besides Ray's own start-up lines, the error alone: no retries, no actor
+    assert time.monotonic() - started < 90 and not (tmp_path / "out").exists()
 
 
 def test_model_that_cannot_load_fails_the_job_in_one_line(ray_cluster, tmp_path):
