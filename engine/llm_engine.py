@@ -22,6 +22,7 @@ from engine.structured import GrammarError, GrammarQueue, advance
 logger = get_logger(__name__)
 Prompt = str | list[int] | list[dict]
 RULE = "-" * 80
+PROMPT_FIELDS = ("num_prompt_tokens", "prompt_token_logprobs", "prompt_logprobs")
 STOP_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_model_len": "length"}
 
 
@@ -112,7 +113,10 @@ class LLMEngine:
                              f"only {self.model_runner.num_blocks} blocks of {self.config.kvcache_block_size}")
 
     def add_request(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> Sequence:
-        """Queue one request (validated as in :meth:`encode_prompt`); it runs from the next step on."""
+        """Queue one request (validated as in :meth:`encode_prompt`); it runs from the next step on. For ``n > 1``
+        use :meth:`generate`, or add each completion with ``params.for_completion(i)``."""
+        if params.n > 1:
+            raise ValueError("SamplingParams.n > 1 needs generate(); with add_request, add one request per completion")
         self._check_params(params)
         return self._add_encoded(self.encode_prompt(prompt, params.max_tokens), params, index)
 
@@ -170,7 +174,8 @@ class LLMEngine:
         new_tokens = {s.seq_id: [t] for s, t in zip(seqs, token_ids) if not s.is_finished}
         self._record_logprobs(current.tokens, seqs, token_ids)
         finished = self.scheduler.postprocess(seqs, token_ids)
-        finished += self._advance_grammars([s for s in seqs if s.seq_id in new_tokens])
+        if self.sync_seq_ids:  # (only requests with a grammar or a token penalty are in it)
+            finished += self._advance_grammars([s for s in seqs if s.seq_id in new_tokens])
         finished += self._apply_stop_strings(seqs)
         now = time.perf_counter()
         for seq in finished:
@@ -283,14 +288,26 @@ class LLMEngine:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         self._check_grammars(params)
-        seqs = [self._add_encoded(ids, p, i) for i, (ids, p) in enumerate(zip(encoded, params))]
+        # n completions of a prompt are sequences added one after another: the later ones find the prompt's full
+        # blocks in the prefix cache
+        groups = [[self._add_encoded(ids, p.for_completion(j), i) for j in range(p.n)]
+                  for i, (ids, p) in enumerate(zip(encoded, params))]
+        seqs = [seq for group in groups for seq in group]
         total_prompt_tokens = sum(s.num_prompt_tokens for s in seqs)
         self.stats["prompt_tokens"] += total_prompt_tokens
         logger.info(RULE)
-        logger.info("Starting generation for %d prompts", len(seqs))
+        logger.info("Starting generation for %d prompts", len(groups))
         logger.info("Total prompt tokens: %d", total_prompt_tokens)
         self._run_until_done(len(seqs), use_tqdm)
-        return [self.result(s) for s in seqs]
+        return [self._prompt_result(group) for group in groups]
+
+    def _prompt_result(self, seqs: list[Sequence]) -> dict:
+        """One prompt's result: its sequence's, or for n completions each per-completion field as a list of n
+        (the prompt's own fields, PROMPT_FIELDS, stay single)."""
+        results = [self.result(seq) for seq in seqs]
+        if len(results) == 1:
+            return results[0]
+        return {k: v if k in PROMPT_FIELDS else [r[k] for r in results] for k, v in results[0].items()}
 
     def _run_until_done(self, num_seqs: int, use_tqdm: bool) -> None:
         before = dict(self.stats)

@@ -16,8 +16,8 @@ from engine.layers.attention import Attention, select_backend
 from engine.layers.sampler import Sampler, SamplingBatch, TokenLogprobs, token_logprobs
 from engine.loader import load_weights
 from engine.logger import get_logger, memory_summary, timed
-from engine.models import build_model
 from engine.logits_processors import PenaltyBatch, ProcessorRow, build_penalty_batch, needs_processing
+from engine.models import build_model
 from engine.outputs import PENDING_TOKEN, SchedulerOutput
 from engine.sequence import Sequence
 

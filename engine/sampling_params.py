@@ -1,9 +1,10 @@
 """Per-request sampling settings, validated on construction."""
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_LOGPROBS = 20  # most alternatives per token that logprobs / prompt_logprobs may ask for
 MAX_LOGIT_BIAS = 100.0
+COMPLETION_SEEDS = 1 << 62  # derived seeds of completions 1..n-1 of a seeded request lie in [0, COMPLETION_SEEDS)
 STRUCTURED_FIELDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
@@ -13,7 +14,8 @@ class SamplingParams:
 
     ``logprobs=k`` / ``prompt_logprobs=k``: each generated / prompt token's logprob and the top-k alternatives,
     from the model's raw logits (before penalties, grammar masks and temperature). Penalties, ``min_tokens`` and
-    ``logit_bias`` have vLLM's meanings. At most one of :data:`STRUCTURED_FIELDS` constrains the output."""
+    ``logit_bias`` have vLLM's meanings. At most one of :data:`STRUCTURED_FIELDS` constrains the output.
+    ``n`` draws that many completions of the prompt, each with its own seed stream (see :meth:`for_completion`)."""
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -23,6 +25,7 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
+    n: int = 1
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
@@ -63,6 +66,7 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "must be ints >= 0"),
             ("seed", self.seed is None or _is_int(self.seed), "must be None or an int"),
+            ("n", _is_int(self.n) and self.n >= 1, "must be an int >= 1"),
             ("logprobs", _is_optional_count(self.logprobs), f"must be None or an int in [0, {MAX_LOGPROBS}]"),
             ("prompt_logprobs", _is_optional_count(self.prompt_logprobs),
              f"must be None or an int in [0, {MAX_LOGPROBS}]"),
@@ -86,6 +90,14 @@ class SamplingParams:
             ("grammar", self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip() != ""),
              "must be None or a non-empty EBNF string"),
         ]
+
+    def for_completion(self, i: int) -> "SamplingParams":
+        """The settings of completion ``i`` of ``n``: one completion with its own seed stream (completion 0 keeps
+        ``seed``, so it equals the ``n=1`` request), prompt logprobs on completion 0 only."""
+        if self.n == 1:
+            return self
+        seed = self.seed if self.seed is None or i == 0 else (self.seed * 0x9E3779B1 + i) % COMPLETION_SEEDS
+        return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if i == 0 else None)
 
     @property
     def greedy(self) -> bool:
