@@ -359,4 +359,5 @@ def _unzip(entries: list[tuple[float, dict] | None]) -> tuple[list, list]:
 
 
 class LLM(LLMEngine):
-    """``LLM(model, ...)``: a local HF directory, a hub id, or ``"demo"``; see :class:`engine.config.Config`."""
+    """``LLM(model, ...)``: a local HF directory, a ``.gguf`` file (or a directory holding one), a hub id, ``"demo"``
+    (SmolLM2-135M-Instruct) or ``"demo-random"``; see :class:`engine.config.Config`."""
