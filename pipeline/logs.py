@@ -11,14 +11,15 @@ DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
 class ActorTag(logging.Filter):
-    """Prefix each record's message with ``[actor-id]``, once, however many tagged handlers see it."""
+    """Prefix the messages of logger ``name`` (and its children) with ``[actor-id]``, once, however many tagged
+    handlers see them; other loggers' records pass through a tagged handler unchanged."""
 
-    def __init__(self, actor_id: str):
-        super().__init__()
+    def __init__(self, actor_id: str, name: str):
+        super().__init__(name)
         self.prefix = f"[{actor_id}] "
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not getattr(record, "actor_tagged", False):
+        if super().filter(record) and not getattr(record, "actor_tagged", False):
             record.msg = f"{self.prefix}{record.msg}"
             record.actor_tagged = True
         return True
@@ -28,8 +29,8 @@ def tag_logger(name: str, actor_id: str) -> None:
     """Tag the lines of logger ``name``: on its own handlers, or the root's when it has none (propagates)."""
     logger = logging.getLogger(name)
     for handler in logger.handlers or logging.getLogger().handlers:
-        if not any(isinstance(f, ActorTag) for f in handler.filters):
-            handler.addFilter(ActorTag(actor_id))
+        if not any(isinstance(f, ActorTag) and f.name == name for f in handler.filters):
+            handler.addFilter(ActorTag(actor_id, name))
 
 
 def actor_logger(actor_id: str, level: str) -> logging.Logger:

@@ -21,6 +21,7 @@ from pipeline.config import parse_config
 from pipeline.driver import run_job
 from pipeline.errors import JobFailed, UsageError
 from pipeline.inputs import cut_shards, open_input, resolve_prompt_column
+from pipeline.logs import tag_logger
 from pipeline.output import OutputDir, make_manifest, manifest_differences
 from pipeline.progress import Progress
 from pipeline.rows import OUTPUT_SCHEMA, RowSpec, build_result_table, prepare_requests
@@ -448,6 +449,21 @@ def test_cli_runs_the_sample_from_any_directory(ray_cluster, tmp_path):
     assert "[progress] 64/64 rows" in proc.stderr
     # At the default --log-level WARNING, neither the actors' per-shard lines nor engine INFO lines are forwarded.
     assert "[INFO]" not in proc.stderr, [line for line in proc.stderr.splitlines() if "[INFO]" in line][:5]
+
+
+def test_actor_tags_mark_only_the_tagged_loggers_lines():
+    """In-process (pipeline.data), the engine's lines go through the application's root handlers: tagging them
+    must leave the application's own lines alone."""
+    stream, root = io.StringIO(), logging.getLogger()
+    handler = logging.StreamHandler(stream)
+    root.addHandler(handler)
+    try:
+        tag_logger("some_engine", "local-1")  # a logger without handlers of its own, as the engine's in-process
+        logging.getLogger("some_engine.scheduler").warning("engine line")
+        logging.getLogger("myapp").warning("application line")
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["[local-1] engine line", "application line"]
 
 
 def test_driver_log_lines_go_above_the_progress_bar():
