@@ -95,7 +95,7 @@ def submitted_job(ray_cluster, tmp_path_factory):
     submission_id = f"nanovllm-test-{uuid.uuid4().hex[:8]}"
     env = {**subprocess_env(), "RAY_ADDRESS": ray_cluster.address}
     argv = job_argv(root / "input.parquet", output, "--job-id", "submitted", actors=1, shard_size=5)
-    submit = wait_for(lambda: _submit(env, submission_id, argv), timeout=120,
+    submit = wait_for(lambda: _submit(env, submission_id, argv), timeout=300,
                       what="the cluster's job agent to accept the submission", interval=1.0)
     logs = ray_cli("job", "logs", "--address", ray_cluster.address, submission_id, env=subprocess_env(), timeout=60)
     return dict(submit=submit, logs=logs, output=output, submission_id=submission_id, address=ray_cluster.address)
