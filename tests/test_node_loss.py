@@ -3,19 +3,18 @@ actors and two worker nodes of one CPU, so one engine actor each); one worker no
 runs. The job finishes with every row exactly once, and stats.json and the final line say what happened."""
 import json
 import logging
-import threading
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 from pipeline.cli import done_line
 from pipeline.config import parse_config
-from pipeline.driver import run_job
-from test_pipeline_support import (REPO, TESTS, PacedActor, assert_each_id_once, job_argv, part_files, read_results,
+from test_pipeline_support import (REPO, TESTS, JobInThread, assert_each_id_once, job_argv, part_files, read_results,
                                    wait_for, write_prompts)
 
-ROWS = 96
+ROWS = 192   # long enough that both actors are still busy when one node goes
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +34,11 @@ def test_a_lost_node_costs_its_actor_and_nothing_else(two_node_cluster, tmp_path
     out = tmp_path / "out"
     config = parse_config(job_argv(write_prompts(tmp_path / "in.parquet", [f"node loss {i}" for i in range(ROWS)]),
                                    out, "--job-id", "node-loss", actors=2, shard_size=4, max_tokens=16))
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["report"] = run_job(config, actor_cls=PacedActor)
-        except BaseException as e:  # surfaced by the assertions below
-            outcome["error"] = e
-
     caplog.set_level(logging.WARNING, logger="pipeline")
-    thread = threading.Thread(target=run)
-    thread.start()
-    wait_for(lambda: len(part_files(out)) >= 2, 240, "two part files")
+    job = JobInThread(config)
+    wait_for(lambda: _writers(out) == {"actor-0", "actor-1"}, 240, "shards written by both actors")
     cluster.remove_node(workers[1])  # its actor dies with it; no node is left to place a replacement on
-    thread.join(timeout=300)
-    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
-    stats = outcome["report"].stats
+    stats = job.result(timeout=300).stats
     assert stats["status"] == "completed" and stats["rows_done"] == stats["rows_ok"] == ROWS
     assert_each_id_once(read_results(out), ROWS)
     (lost,) = [a for a in stats["actors"].values() if a["status"] == "died"]
@@ -59,3 +47,9 @@ def test_a_lost_node_costs_its_actor_and_nothing_else(two_node_cluster, tmp_path
     assert any(f"{lost['actor_id']} died while running shard" in r.getMessage() for r in caplog.records)
     assert "actors replaced" in done_line(stats, str(out))
     assert json.loads((out / "stats.json").read_text())["actors"][lost["actor_id"]]["error"] == lost["error"]
+
+
+def _writers(out) -> set[str]:
+    """The actors whose rows are in the part files written so far."""
+    return {actor for part in part_files(out)
+            for actor in pq.read_table(part, columns=["actor_id"])["actor_id"].to_pylist()}

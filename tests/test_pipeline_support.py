@@ -4,6 +4,7 @@ import asyncio
 import os
 import re
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -116,3 +117,28 @@ def scrape_metrics(port: int) -> list[tuple[str, dict[str, str], float]]:
 def subprocess_env() -> dict[str, str]:
     """Environment for a driver started as a subprocess (unbuffered, quiet tokenizers)."""
     return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class JobInThread:
+    """``run_job`` on a thread, so a test can hurt the cluster while the job runs; ``result()`` joins it and
+    returns the report, or raises what the job raised."""
+
+    def __init__(self, config, actor_cls=None):
+        from pipeline.driver import run_job
+        self._outcome: dict = {}
+
+        def run():
+            try:
+                self._outcome["report"] = run_job(config, actor_cls=actor_cls or PacedActor)
+            except BaseException as e:  # re-raised by result()
+                self._outcome["error"] = e
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+
+    def result(self, timeout: float):
+        self._thread.join(timeout=timeout)
+        assert not self._thread.is_alive(), f"the job did not end within {timeout} s"
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["report"]

@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pyarrow as pa
@@ -21,7 +20,7 @@ from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.driver import run_job
 from pipeline.errors import JobFailed, UsageError
-from test_pipeline_support import (REPO, PacedActor, assert_each_id_once, free_port, job_argv, part_files,
+from test_pipeline_support import (REPO, JobInThread, assert_each_id_once, free_port, job_argv, part_files,
                                    read_results, start_ray_cluster, subprocess_env, wait_for, write_prompts)
 
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
@@ -155,24 +154,13 @@ def test_killed_actor_shard_is_retried_and_every_row_comes_back_once(ray_cluster
     n = 64
     config = parse_config(job_argv(write_prompts(tmp_path / "in.parquet", [f"kill test {i}" for i in range(n)]),
                                    tmp_path / "out", "--job-id", "kill-actor", actors=2, shard_size=4, max_tokens=32))
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["report"] = run_job(config, actor_cls=PacedActor)
-        except BaseException as e:  # surfaced by the assertions below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    job = JobInThread(config)
     first = wait_for(lambda: part_files(tmp_path / "out"), 120, "the first part file")[0]
     victim = pq.read_table(first).column("actor_id")[0].as_py()  # an actor that is running shards
     alive = list_actors(address=ray_cluster.address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
     (state,) = [a for a in alive if a.repr_name == f"EngineActor[{victim}]"]
     os.kill(state.pid, signal.SIGKILL)
-    thread.join(timeout=240)
-    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
-    stats = outcome["report"].stats
+    stats = job.result(timeout=240).stats
     assert stats["status"] == "completed"
     assert stats["actors"][victim]["status"] == "died"
     assert stats["this_run"]["shard_retries"] >= 1 and stats["this_run"]["actors_replaced"] >= 1
