@@ -6,7 +6,9 @@
 * W1-HF: the same 32 prompts x 256 tokens through the engine and through HF transformers' ``generate_batch``;
 * W5-job: W5 through ``jobs/offline_batch.py`` on one GPU actor (needs Ray): wall time from launch, the rate from
   the first engine step to the last result, and the time to the first written shard;
-* W2 (single-stream decode latency), W3 (prefix-heavy, caching on/off), W4 (startup), LOG (W1 at INFO vs WARNING).
+* W2 (single-stream decode latency), W3 (prefix-heavy, caching on/off), W4 (startup), LOG (W1 at INFO vs WARNING);
+* OUT (output options): the decode step time of 256 rows under a JSON schema, and with ``logprobs=5``, against the
+  same 256 rows unconstrained (same weights, a byte-level vocabulary so that grammars have text to work with).
 
 ``--baseline vllm`` runs W1, W5 and W6 through vLLM too (``benchmarks/vllm_baseline.py``, in a subprocess) and the
 table shows both and the ratio: the same requests, measured in the same run of this script.
@@ -19,6 +21,7 @@ import gc
 import glob
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -28,14 +31,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.workloads import W6_MAX_MODEL_LEN, Request, fresh, w1, w1_hf, w5, w6  # noqa: E402
+from benchmarks.workloads import TOKEN_RANGE, W6_MAX_MODEL_LEN, Request, fresh, w1, w1_hf, w5, w6  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.logger import configure  # noqa: E402
 
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
                  max_position_embeddings=40960, eos_token_id=151645)
-DEFAULT_WORKLOADS = "HF,W4,W1,W5,W6,LOG,W2,W3"
+DEFAULT_WORKLOADS = "HF,W4,W1,W5,W6,LOG,W2,W3,OUT"
 ENGINE_WORKLOADS = {"W4", "W1", "W5", "HF", "LOG", "W2", "W3"}  # run on one engine at max_model_len=4096
 
 
@@ -54,6 +57,66 @@ def build_checkpoint(path: str) -> str:
     with torch.device("cuda"):
         AutoModelForCausalLM.from_config(Qwen3Config(**QWEN3_06B), dtype=torch.bfloat16).save_pretrained(path)
     return path
+
+
+def text_checkpoint(path: str) -> str:
+    """``path``'s weights beside a byte-level BPE vocabulary of letter and digit strings: grammars constrain text,
+    and the word-level ``t<id>`` vocabulary spells no JSON."""
+    out = path.rstrip("/") + "-bytes"
+    if os.path.isfile(os.path.join(out, "tokenizer.json")):
+        return out
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith((".safetensors", ".json")) and "token" not in name:
+            os.symlink(os.path.join(path, name), os.path.join(out, name))
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab, rng, letters = dict.fromkeys(sorted(byte_chars)), random.Random(3), "abcdefghijklmnopqrstuvwxyz0123456789 "
+    eos, size = QWEN3_06B["eos_token_id"], QWEN3_06B["vocab_size"]
+    while len(vocab) < size - 1:
+        vocab.setdefault("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))).replace(" ", "\u0120"))
+    words = list(vocab)
+    words.insert(eos, "<|eos|>")
+    tok = Tokenizer(models.BPE({w: i for i, w in enumerate(words)}, []))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|eos|>").save_pretrained(out)
+    return out
+
+
+OUT_SCHEMA = json.dumps({"type": "object", "properties": {"id": {"type": "integer"}, "note": {"type": "string"}},
+                         "required": ["id", "note"]})
+
+
+def full_batch_step_ms(records: list, batch: int) -> float:
+    """The median wall time between consecutive decode-only steps of ``batch`` rows (host work included)."""
+    gaps = sorted(b.timestamp - a.timestamp for a, b in zip(records, records[1:])
+                  if a.phase == b.phase == "decode" and a.batch_size == b.batch_size == batch)
+    return 1e3 * gaps[len(gaps) // 2]
+
+
+def output_options(path: str) -> dict:
+    """256 rows x 256 tokens unconstrained, under OUT_SCHEMA and with logprobs=5; a warm-up of each, then the
+    median of 3 runs' full-batch decode step times."""
+    llm = LLM(text_checkpoint(path), max_model_len=4096)
+    records: list = []
+    llm.add_step_callback(records.append)
+    rng = random.Random(3)
+    prompts = [[rng.randint(0, TOKEN_RANGE) for _ in range(256)] for _ in range(256)]
+    variants = dict(plain={}, json_schema=dict(json_schema=OUT_SCHEMA), logprobs5=dict(logprobs=5))
+    step_ms: dict[str, list[float]] = {name: [] for name in variants}
+    for run in range(4):
+        for name, extra in variants.items():
+            records.clear()
+            requests = [(p, dict(temperature=0.6, max_tokens=256, ignore_eos=True, seed=i, **extra))
+                        for i, p in enumerate(prompts)]
+            timed_generate(llm, fresh(requests, 20 + run))
+            if run:
+                step_ms[name].append(full_batch_step_ms(records, len(prompts)))
+    free(llm)
+    median = {name: sorted(v)[1] for name, v in step_ms.items()}
+    return dict(step_ms=median, runs_step_ms=step_ms, json_schema_over_plain=median["json_schema"] / median["plain"],
+                logprobs5_over_plain=median["logprobs5"] / median["plain"])
 
 
 def as_engine(requests: list[Request]) -> tuple[list[list[int]], list[SamplingParams]]:
@@ -275,6 +338,8 @@ def main() -> None:
         res.record("W6", run_w6(path))
     if "JOB" in wanted:
         res.record("W5-job", run_w5_job(path))
+    if "OUT" in wanted:
+        res.record("OUT", output_options(path))
     if args.baseline == "vllm":
         res.record("vllm", run_vllm(path, [w for w in ("W1", "W5", "W6") if w in wanted]))
     print_table(res)
@@ -308,6 +373,11 @@ def print_table(res: dict) -> None:
     if "W4" in res:
         startup = vllm.get("vllm_startup_s")
         print(f"| W4 startup (s) | {res['W4']['startup_s']:.1f} | {f'{startup:.0f}' if startup else '-'} | - |")
+    if "OUT" in res:
+        o = res["OUT"]
+        print(f"| OUT decode step, 256 rows: plain / JSON schema / logprobs=5 (ms) | {o['step_ms']['plain']:.2f} / "
+              f"{o['step_ms']['json_schema']:.2f} ({o['json_schema_over_plain']:.2f}x) / {o['step_ms']['logprobs5']:.2f}"
+              f" ({o['logprobs5_over_plain']:.2f}x) | - | - |")
     if "LOG" in res:
         print(f"| INFO vs WARNING cost | {res['LOG']['info_vs_warning_pct']:.2f}% | - | - |")
     if "peak_gpu_memory_gb" in res:
