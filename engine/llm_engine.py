@@ -142,6 +142,14 @@ class LLMEngine:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise ValueError when ``params`` cannot run on this model: token ids outside its vocabulary, or an
+        output constraint that does not compile (compiled here, so a request added later finds it ready)."""
+        self._check_params(params)
+        future = self.grammars.submit(params)
+        if future is not None:
+            future.result()
+
     def _check_params(self, params: SamplingParams) -> None:
         vocab = self.config.hf_config.vocab_size
         for name in ("logit_bias", "stop_token_ids"):

@@ -8,6 +8,8 @@ sampling; the sampled token then advances the matcher on the host. Because the n
 steps with a constrained sequence running are synchronous (no async launch-ahead).
 """
 import json
+import re
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -17,6 +19,7 @@ from engine.logger import get_logger
 
 logger = get_logger(__name__)
 COMPILE_THREADS = 2
+_XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
 class GrammarCompiler:
@@ -32,36 +35,21 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(self._info)
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
         self._compiled: dict[tuple[str, str], Future] = {}
+        self._lock = threading.Lock()  # the engine and a caller checking requests ahead (pipeline actors) submit
 
     def submit(self, spec: tuple[str, str]) -> Future:
         """A future of the compiled grammar of ``spec`` (``SamplingParams.structured``); its result raises
         ValueError when the spec does not compile."""
-        if spec not in self._compiled:
-            self._compiled[spec] = self._pool.submit(self._compile, spec)
-        return self._compiled[spec]
+        with self._lock:
+            if spec not in self._compiled:
+                self._compiled[spec] = self._pool.submit(self._compile, spec)
+            return self._compiled[spec]
 
     def _compile(self, spec: tuple[str, str]):
-        kind, text = spec
         start = time.perf_counter()
-        try:
-            compiled = self._compile_kind(kind, text)
-        except RuntimeError as e:  # xgrammar reports bad specs as RuntimeError
-            raise ValueError(f"{kind} does not compile: {str(e).strip()}") from None
-        logger.debug("Compiled %s grammar in %.1f ms", kind, (time.perf_counter() - start) * 1e3)
+        compiled = self._compiler.compile_grammar(parse_spec(spec))
+        logger.debug("Compiled %s grammar in %.1f ms", spec[0], (time.perf_counter() - start) * 1e3)
         return compiled
-
-    def _compile_kind(self, kind: str, text: str):
-        compiler = self._compiler
-        if kind == "json_schema":
-            return compiler.compile_json_schema(text, any_whitespace=False)
-        if kind == "json_object":
-            return compiler.compile_builtin_json_grammar()
-        if kind == "regex":
-            return compiler.compile_regex(text)
-        if kind == "choice":
-            alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text))
-            return compiler.compile_grammar(f"root ::= {alternatives}")
-        return compiler.compile_grammar(text)
 
     def matcher(self, compiled):
         """A fresh ``xgrammar.GrammarMatcher`` at the start of ``compiled``."""
@@ -69,6 +57,26 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def parse_spec(spec: tuple[str, str]):
+    """The ``xgrammar.Grammar`` of an output constraint (``SamplingParams.structured``); ValueError naming the
+    kind when it does not parse. Needs no tokenizer, so a job checks its flags with it before engines start."""
+    import xgrammar as xgr
+    kind, text = spec
+    try:
+        if kind == "json_schema":
+            return xgr.Grammar.from_json_schema(text, any_whitespace=False)
+        if kind == "json_object":
+            return xgr.Grammar.builtin_json_grammar()
+        if kind == "regex":
+            return xgr.Grammar.from_regex(text)
+        if kind == "choice":
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                  for c in json.loads(text)))
+        return xgr.Grammar.from_ebnf(text)
+    except RuntimeError as e:  # xgrammar reports bad specs as RuntimeError, prefixed "[time] file.cc:line: "
+        raise ValueError(f"{kind} does not compile: {_XGRAMMAR_PREFIX.sub('', str(e).strip())}") from None
 
 
 def advance(matcher, token_id: int) -> bool:
@@ -112,13 +120,15 @@ class GrammarQueue:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
         self._compiler_args = tokenizer, vocab_size, stop_token_ids
         self._compiler: GrammarCompiler | None = None
+        self._lock = threading.Lock()
         self.waiting: list[tuple[object, Future]] = []  # (Sequence, its compiled grammar)
 
     @property
     def compiler(self) -> GrammarCompiler:
-        if self._compiler is None:
-            self._compiler = GrammarCompiler(*self._compiler_args)
-        return self._compiler
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(*self._compiler_args)
+            return self._compiler
 
     def submit(self, params) -> Future | None:
         """Start compiling the constraint of a ``SamplingParams`` (None when it has none)."""
