@@ -1,9 +1,10 @@
 """Where does an engine step's time go? Wraps the step's phases with synchronising timers and prints the
 mean time per phase, then a torch.profiler table of the top GPU kernels, for a decode-heavy workload.
 
-    python benchmarks/profile_step.py [--batch 256] [--ctx 512] [--steps 64] [--shared-prefix 0]
+    python benchmarks/profile_step.py [--batch 256] [--ctx 512] [--steps 64] [--shared-prefix 0] [--logprobs 0]
 
-With ``--shared-prefix N`` every prompt starts with the same N tokens (W3's shape), served from the prefix cache.
+With ``--shared-prefix N`` every prompt starts with the same N tokens (W3's shape), served from the prefix cache;
+with ``--logprobs K`` every row asks for its tokens' logprobs and top K.
 """
 import argparse
 import collections
@@ -11,6 +12,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--shared-prefix", type=int, default=0)
+    ap.add_argument("--logprobs", type=int, default=None)
     args = ap.parse_args()
     configure("WARNING")
     llm = LLM(build_checkpoint(args.model_dir), max_model_len=4096)
@@ -50,7 +53,7 @@ def main() -> None:
     def make(shift: int) -> list[list[int]]:
         return [prefix + [t + shift for t in u] for u in unique]
     prompts = make(0)
-    params = SamplingParams(temperature=0.6, max_tokens=args.steps, ignore_eos=True)
+    params = SamplingParams(temperature=0.6, max_tokens=args.steps, ignore_eos=True, logprobs=args.logprobs)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)  # also caches the shared prefix
     records = []
     llm.add_step_callback(records.append)
@@ -73,10 +76,10 @@ def main() -> None:
     for name, times in totals.items():
         times = times[2:] if len(times) > 4 else times  # skip prefill-ish first steps
         print(f"{name:22s} mean {1e3 * sum(times) / len(times):7.3f} ms  (n={len(times)})")
-    print_decode_kernels(llm, make(2))
+    print_decode_kernels(llm, make(2), params)
 
 
-def print_decode_kernels(llm: LLM, prompts: list[list[int]], steps: int = 10) -> None:
+def print_decode_kernels(llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int = 10) -> None:
     """Profile only decode steps (the profiler starts after the prefill step) and list the top GPU kernels."""
     from torch.profiler import ProfilerActivity, profile
     prof = profile(activities=[ProfilerActivity.CUDA])
@@ -92,7 +95,7 @@ def print_decode_kernels(llm: LLM, prompts: list[list[int]], steps: int = 10) ->
             torch.cuda.synchronize()
             prof.stop()
     llm.add_step_callback(on_step)
-    llm.generate(prompts, SamplingParams(temperature=0.6, max_tokens=steps + 3, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts, replace(params, max_tokens=steps + 3), use_tqdm=False)
     print(f"GPU kernels over {steps} decode steps (batch {len(prompts)}):")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 

@@ -17,7 +17,7 @@ from engine.outputs import SchedulerOutput, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.structured import GrammarError, GrammarQueue, advance
+from engine.structured import GrammarError, GrammarQueue, accept_tokens
 
 logger = get_logger(__name__)
 Prompt = str | list[int] | list[dict]
@@ -225,11 +225,11 @@ class LLMEngine:
 
     def _advance_grammars(self, seqs: list[Sequence]) -> list[Sequence]:
         """Move each constrained sequence's matcher past its new token; finish those whose grammar ended."""
+        live = [seq for seq in seqs if seq.grammar is not None and not seq.is_finished]
+        accepted = accept_tokens([seq.grammar for seq in live], [seq.token_ids[-1] for seq in live]) if live else []
         finished = []
-        for seq in seqs:
-            if seq.grammar is None or seq.is_finished:
-                continue
-            if advance(seq.grammar, seq.token_ids[-1]) and not seq.grammar.is_terminated():
+        for seq, ok in zip(live, accepted):
+            if ok and not seq.grammar.is_terminated():
                 continue
             if not seq.grammar.is_terminated():
                 logger.warning("seq %d: token %d is outside its grammar; finishing it", seq.seq_id, seq.token_ids[-1])

@@ -92,6 +92,7 @@ class ModelRunner:
         logger.info("After model loading - %s", memory_summary(self.device))
         self.sampler = Sampler(config.seed)
         self._sampling_cache: tuple[list[int], SamplingBatch, list[int], list[int]] | None = None
+        self._bitmask = None  # engine.structured.TokenBitmask, from the first constrained step on
         self.eos_token_ids: list[int] = []  # held back by min_tokens; set by the engine
         # The latest step's sampled tokens on the device and the row of each sequence in them (rank 0).
         self._last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
@@ -273,8 +274,10 @@ class ModelRunner:
         penalties = self._penalty_batch([(r, seqs[r]) for r in processed], vocab_size) if processed else None
         bitmask = None
         if constrained:
-            from engine.structured import fill_bitmask
-            bitmask = fill_bitmask([(r, seqs[r].grammar) for r in constrained], len(seqs), vocab_size, self.device)
+            if self._bitmask is None:
+                from engine.structured import TokenBitmask
+                self._bitmask = TokenBitmask(vocab_size, self.device)
+            bitmask = self._bitmask.fill([(r, seqs[r].grammar) for r in constrained], len(seqs))
         return replace(sampling, penalties=penalties, bitmask=bitmask)
 
     def _penalty_batch(self, rows: list[tuple[int, Sequence]], vocab_size: int) -> PenaltyBatch:
@@ -330,10 +333,11 @@ class ModelRunner:
             logger.debug("[Rank %d] Preparing %s batch: %d sequences", self.rank, phase, batch.num_rows)
         input_ids, positions = self._prepare_decode(batch) if batch.is_decode_only else self._prepare_prefill(batch)
         num_sampled = sum(batch.sample)  # (not len(batch.sampling_seqs): workers get no Sequence objects)
-        sampling = self._prepare_sampling(batch) if self.rank == 0 and num_sampled else None
         with timed(logger, self.device, "[Rank %d] Model forward %s", self.rank, phase):
             hidden = self._forward(input_ids, positions, batch.is_decode_only)
             logits = self.model.compute_logits(hidden) if num_sampled else None  # one row per batch row
+        # Prepared while the device runs the forward pass (grammar bitmasks take host time).
+        sampling = self._prepare_sampling(batch) if self.rank == 0 and num_sampled else None
         if logger.isEnabledFor(logging.DEBUG) and logits is not None:
             logger.debug("[Rank %d] Output: logits=%s", self.rank, list(logits.shape))
         reset_context()

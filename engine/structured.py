@@ -3,9 +3,10 @@
 
 Grammars compile in a thread pool when the request is added (cached by spec, so equal specs compile once) and
 the request waits for its grammar without holding up the other sequences' steps. Each step, every constrained
-row's matcher fills its row of one token bitmask for the batch, which masks the logits on the device before
-sampling; the sampled token then advances the matcher on the host. Because the next mask needs that token,
-steps with a constrained sequence running are synchronous (no async launch-ahead).
+row's matcher fills its row of one token bitmask for the batch (xgrammar's threads, while the step's forward pass
+runs on the device), which masks the logits on the device before sampling; the sampled token then advances the
+matcher on the host. Because the next mask needs that token, steps with a constrained sequence running are
+synchronous (no async launch-ahead).
 """
 import json
 import re
@@ -79,22 +80,50 @@ def parse_spec(spec: tuple[str, str]):
         raise ValueError(f"{kind} does not compile: {_XGRAMMAR_PREFIX.sub('', str(e).strip())}") from None
 
 
-def advance(matcher, token_id: int) -> bool:
-    """Move a matcher past a sampled token; False if its grammar does not allow it (or has already ended)."""
-    return not matcher.is_terminated() and matcher.accept_token(token_id)
-
-
-def fill_bitmask(matchers: list[tuple[int, object]], num_rows: int, vocab_size: int,
-                 device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """The batch's token bitmask ``[num_rows, ceil(V / 32)]`` on ``device``, filled for each ``(row,
-    matcher)``, and those rows."""
+def accept_tokens(matchers: list, token_ids: list[int]) -> list[bool]:
+    """Move each matcher past its sampled token (in one call into xgrammar); False where the grammar does not
+    allow it."""
     import xgrammar as xgr
-    bitmask = xgr.allocate_token_bitmask(num_rows, vocab_size)
-    for row, m in matchers:
-        m.fill_next_token_bitmask(bitmask, row)
-    if device.type == "cuda":
-        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
-    return bitmask, [row for row, _ in matchers]
+    return xgr.BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+
+
+class TokenBitmask:
+    """The batch's grammar bitmask ``[rows, ceil(V / 32)]``: a pinned host buffer that xgrammar's thread pool
+    fills (the constrained rows only) and its device copy, both kept from step to step. On CUDA the copy runs on
+    a side stream, so a mask filled while the step's forward pass runs reaches the device without queueing behind
+    it. Reusing the buffers is safe because steps with a constrained row are synchronous: the previous step's
+    mask has been applied before the next one is filled."""
+
+    def __init__(self, vocab_size: int, device: torch.device):
+        import xgrammar as xgr
+        self.vocab_size, self.device = vocab_size, device
+        self._filler = xgr.BatchGrammarMatcher()
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._host = self._device = torch.empty(0, 0, dtype=torch.int32)
+
+    def fill(self, matchers: list[tuple[int, object]], num_rows: int) -> tuple[torch.Tensor, list[int]]:
+        """Fill row ``row`` from each ``(row, matcher)`` of a batch of ``num_rows``; the bitmask on the device
+        (rows outside ``rows`` hold stale values) and those rows."""
+        self._reserve(num_rows)
+        rows = [row for row, _ in matchers]
+        self._filler.batch_fill_next_token_bitmask([m for _, m in matchers], self._host, indices=rows)
+        if self._stream is None:
+            return self._host[:num_rows], rows
+        mask = self._device[:num_rows]
+        with torch.cuda.stream(self._stream):
+            mask.copy_(self._host[:num_rows], non_blocking=True)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        return mask, rows
+
+    def _reserve(self, num_rows: int) -> None:
+        if self._host.shape[0] >= num_rows:
+            return
+        import xgrammar as xgr
+        host = xgr.allocate_token_bitmask(max(num_rows, 2 * self._host.shape[0]), self.vocab_size)
+        if self._stream is None:
+            self._host = self._device = host
+        else:
+            self._host, self._device = host.pin_memory(), torch.empty_like(host, device=self.device)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int]]) -> torch.Tensor:

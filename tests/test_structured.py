@@ -28,10 +28,10 @@ def compiler(tokenizer):
 
 
 def allowed_tokens(compiler, spec: tuple[str, str], prefix: str = "") -> set[int]:
-    from engine.structured import fill_bitmask
+    from engine.structured import TokenBitmask
     matcher = compiler.matcher(compiler.submit(spec).result())
     assert matcher.accept_string(prefix) if prefix else True
-    bitmask, rows = fill_bitmask([(1, matcher)], 2, compiler.vocab_size, torch.device("cpu"))
+    bitmask, rows = TokenBitmask(compiler.vocab_size, torch.device("cpu")).fill([(1, matcher)], 2)
     logits = torch.zeros(2, compiler.vocab_size)
     from engine.structured import apply_bitmask
     masked = apply_bitmask(logits, (bitmask, rows))
@@ -45,6 +45,23 @@ def test_choice_allows_only_the_choices_prefixes(compiler, tokenizer):
         text = tokenizer.decode([token])
         assert "Paris".startswith(text) or "London".startswith(text), text
     assert allowed_tokens(compiler, spec, "Paris") == {tokenizer.eos_token_id}  # done: only the stop token
+
+
+def test_token_bitmask_rows_equal_single_matcher_fills_and_grow(compiler):
+    """The threaded batch fill writes each constrained row as a lone matcher would, into buffers that grow."""
+    import xgrammar as xgr
+    from engine.structured import TokenBitmask
+    specs = [SamplingParams(choice=["Paris", "London"]).structured, SamplingParams(regex=r"[0-9]{2,4}").structured]
+    matchers = [compiler.matcher(compiler.submit(spec).result()) for spec in specs]
+    buffers = TokenBitmask(compiler.vocab_size, torch.device("cpu"))
+    buffers.fill([(0, matchers[0])], 1)
+    mask, rows = buffers.fill([(0, matchers[0]), (2, matchers[1])], 3)
+    assert rows == [0, 2] and mask.shape == (3, -(-compiler.vocab_size // 32))
+    for row, matcher in zip(rows, matchers):
+        alone = xgr.allocate_token_bitmask(1, compiler.vocab_size)
+        matcher.fill_next_token_bitmask(alone, 0)
+        assert torch.equal(mask[row], alone[0])
+    assert not torch.equal(mask[0], mask[2])
 
 
 def test_equal_specs_compile_once(compiler):
