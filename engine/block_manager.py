@@ -79,15 +79,16 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def allocate(self, seq: Sequence, num_tokens: int, cached: list[int] | None = None) -> bool:
+    def allocate(self, seq: Sequence, num_tokens: int, cached: list[int] | None = None, reserve: int = 0) -> bool:
         """Extend the sequence's block table to hold its first ``num_tokens`` tokens, starting with the
-        ``cached`` prefix blocks on its first allocation. False, changing nothing, when too few blocks are free."""
+        ``cached`` prefix blocks on its first allocation. False, changing nothing, when that would leave fewer
+        than ``reserve`` blocks free."""
         if not cached and num_tokens <= len(seq.block_table) * self.block_size:
             return True  # the common decode step: the last block has room
         cached = cached or []
         num_new = max(0, -(-num_tokens // self.block_size) - len(seq.block_table) - len(cached))
         num_revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # free, but holding a cached prefix
-        if num_new + num_revived > self.num_free_blocks:
+        if num_new + num_revived > self.num_free_blocks - reserve:
             return False
         debug = logger.isEnabledFor(logging.DEBUG)
         if debug:

@@ -1,8 +1,9 @@
 """Chooses each step's batch under one token budget (``max_num_batched_tokens``): first one decode token for
 every running sequence that has sampled, then the next chunks of running sequences still prefilling, then
 waiting prompts (whole, or a first chunk when the budget left is smaller). A prompt longer than the budget is
-thus prefilled over several steps. When the KV cache runs out, the newest sequences not yet in the batch are
-preempted and later recomputed. ``max_num_seqs`` bounds the running set.
+thus prefilled over several steps. Prompt chunks next to other rows leave PREFILL_WATERMARK of the KV cache
+free, so the decoding sequences can grow into it; when the cache still runs out, the newest sequences not yet in
+the batch are preempted and later recomputed. ``max_num_seqs`` bounds the running set.
 
 With async scheduling the engine asks for the next batch while the current step still runs on the device:
 its sequences then hold a *pending* token, counted in their length but not yet known (the runner feeds it to
@@ -19,6 +20,7 @@ from engine.sequence import Sequence, SequenceStatus
 
 logger = get_logger(__name__)
 MAX_LISTED_SEQS = 8
+PREFILL_WATERMARK = 0.01  # of the KV blocks, kept free of prompt chunks for decodes (vLLM v0's default, 1 %)
 
 
 class Scheduler:
@@ -28,6 +30,7 @@ class Scheduler:
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.watermark = int(num_blocks * PREFILL_WATERMARK)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
 
@@ -46,21 +49,26 @@ class Scheduler:
             (decoding if seq.is_decoding else prefilling).append(seq)
         budget = self._schedule_running(out, decoding, self.max_num_batched_tokens)
         out.num_decode_rows = out.num_rows
-        budget = self._schedule_running(out, prefilling, budget)
+        budget = self._schedule_running(out, prefilling, budget, chunks=True)
         if not out.num_preempted:
             self._schedule_waiting(out, budget)
         self._log(out)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, seqs: list[Sequence], budget: int) -> int:
-        """Rows for these running sequences, oldest first; returns the budget left."""
+    def _schedule_running(self, out: SchedulerOutput, seqs: list[Sequence], budget: int, chunks: bool = False) -> int:
+        """Rows for these running sequences, oldest first; returns the budget left. A prompt chunk (``chunks``)
+        next to other rows waits rather than take the watermark's blocks or preempt anything."""
         for seq in seqs:
             if not budget:
                 break
             if seq.status != SequenceStatus.RUNNING or self._finishes_with_pending(seq):
                 continue  # preempted for an earlier row of this step, or done once its pending token is back
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if self._allocate_or_preempt(out, seq, num_tokens):
+            if chunks and out.num_rows:
+                fits = self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens, reserve=self.watermark)
+            else:
+                fits = self._allocate_or_preempt(out, seq, num_tokens)
+            if fits:
                 self._add_row(out, seq, num_tokens)
                 budget -= num_tokens
         return budget
@@ -86,7 +94,8 @@ class Scheduler:
             cached = [] if seq.params.prompt_logprobs is not None else self.block_manager.cached_prefix(seq)
             num_cached_tokens = len(cached) * self.block_manager.block_size
             num_tokens = min(len(seq) - num_cached_tokens, budget)
-            if not self.block_manager.allocate(seq, num_cached_tokens + num_tokens, cached):
+            reserve = self.watermark if out.num_rows else 0
+            if not self.block_manager.allocate(seq, num_cached_tokens + num_tokens, cached, reserve):
                 break
             seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
             if seq.first_cached_tokens is None:

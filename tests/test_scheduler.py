@@ -103,6 +103,47 @@ def test_preempts_the_newest_sequence_not_in_the_batch():
     assert rows(out) == [(mid.seq_id, 17, 1, True), (new.seq_id, 0, 17, True)] and out.num_cached_tokens == 0
 
 
+def fill_cache(sch, leave_free: int) -> Sequence:
+    """A sequence holding every free KV block but ``leave_free`` (stands in for other running work)."""
+    filler = seq(16, first=1000)
+    assert sch.block_manager.allocate(filler, BS * (sch.block_manager.num_free_blocks - leave_free))
+    return filler
+
+
+def test_waiting_prompts_leave_the_watermark_to_decodes():
+    sch = make(n_blocks=300)
+    assert sch.watermark == 3                      # 1 % of the blocks
+    a = seq(64)
+    sch.add(a)
+    step(sch)                                      # 4 full blocks: a's next token needs a fifth
+    filler = fill_cache(sch, leave_free=5)
+    b = seq(32, first=500)
+    sch.add(b)
+    out = step(sch)                                # b's 2 blocks would leave 2 of the 4 free: below the watermark
+    assert rows(out) == [(a.seq_id, 64, 1, True)] and b.status == SequenceStatus.WAITING
+    assert sch.block_manager.num_free_blocks == 4 and not out.num_preempted
+    sch.block_manager.free(filler)
+    out = step(sch)
+    assert [r[0] for r in rows(out)] == [a.seq_id, b.seq_id]
+
+
+def test_prompt_chunk_waits_instead_of_preempting_decodes():
+    sch = make(n_blocks=300)
+    a, c = seq(16), seq(200, first=600)
+    sch.add(a)
+    step(sch)
+    sch.add(c)
+    out = step(sch)                                # a's decode, then c's first chunk
+    assert rows(out) == [(a.seq_id, 16, 1, True), (c.seq_id, 0, 63, False)]
+    filler = fill_cache(sch, leave_free=3)
+    out = step(sch)                                # c's next chunk needs 4 blocks: it waits, a decodes
+    assert rows(out) == [(a.seq_id, 17, 1, True)] and not out.num_preempted
+    assert c.status == SequenceStatus.RUNNING and c.num_computed_tokens == 63
+    sch.block_manager.free(filler)
+    out = step(sch)
+    assert rows(out) == [(a.seq_id, 18, 1, True), (c.seq_id, 63, 63, False)]
+
+
 def test_running_limit_bounds_the_running_set():
     sch = make(max_num_seqs=2)
     seqs = [seq(5, first=10 * i + 1) for i in range(4)]
@@ -213,7 +254,7 @@ SMALL_CACHE = 16  # blocks; at most this, the runs below preempt
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("seed,budget,n_blocks,max_num_seqs", [
-    (0, 16, 12, 8), (1, 32, 11, 16), (2, 48, 16, 4), (3, 100, 14, 16), (4, 32, 64, 3), (5, 64, 64, 1)])
+    (0, 16, 13, 8), (1, 32, 11, 16), (2, 48, 12, 4), (3, 100, 14, 16), (4, 32, 64, 3), (5, 64, 64, 1)])
 def test_randomized_runs_keep_every_invariant(seed, budget, n_blocks, max_num_seqs, async_scheduling):
     rng = random.Random(seed)
     sch = make(n_blocks=n_blocks, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=160)
