@@ -48,7 +48,7 @@ def _engine_log_tag(actor_id: str) -> Iterator[None]:
 
 @dataclass
 class ShardResult:
-    results: pa.Table        # the OUTPUT_SCHEMA columns, one row per input row, in order
+    results: pa.Table        # the result columns (RowSpec.outputs), one row per input row, in order
     steps: pa.Table          # the engine steps attributed to this shard, tagged with actor_id and shard_id
     stats: dict[str, Any]    # the counters of pipeline.stats.SHARD_COUNTERS
     rows_finished: int       # rows this actor has finished so far (all shards): the driver's view of its load
@@ -69,7 +69,7 @@ class EngineActor:
         self.log = actor_logger(actor_id, log_level)
         started = time.perf_counter()
         from engine import LLM, SamplingParams
-        self.make_params = SamplingParams
+        self.params_class = SamplingParams
         with _engine_log_tag(actor_id):
             self.llm = LLM(**engine_kwargs)
         self.load_time_s = time.perf_counter() - started
@@ -78,7 +78,7 @@ class EngineActor:
         self.validator = ThreadPoolExecutor(1, thread_name_prefix=f"rows-{actor_id}")  # one tokenizer user at a time
         # pyarrow imports pandas (if installed) on its first table: half a second that would otherwise stall the
         # actor's event loop, and so the feeding of its engine, at the first shard.
-        build_result_table(0, {}, {}, actor_id, 0)
+        build_result_table(0, {}, {}, actor_id, 0, row_spec.outputs)
         self.log.info("engine ready in %.1fs: model=%s device=%s pid=%d", self.load_time_s,
                       engine_kwargs.get("model"), self.llm.config.device, os.getpid())
 
@@ -94,22 +94,29 @@ class EngineActor:
         """Generate for every row of ``table``; rows that cannot run get an error instead of a result.
         ``row_spec`` overrides the actor's own (a Ray Data batch may name its prompt column differently)."""
         started = time.perf_counter()
+        spec = row_spec or self.row_spec
         requests, errors = await asyncio.get_running_loop().run_in_executor(
-            self.validator, prepare_requests, table, row_spec or self.row_spec, self.llm.encode_prompt,
-            self.make_params)
+            self.validator, prepare_requests, table, spec, self.llm.encode_prompt, self._make_params)
         self.engine.finished_rows.add(len(errors))
         generated = await self._generate([r.prompt_ids for r in requests], [r.params for r in requests])
         outputs = {r.index: out for r, out in zip(requests, generated.outputs, strict=True)}
-        results = build_result_table(table.num_rows, outputs, errors, self.actor_id, shard_id)
+        results = build_result_table(table.num_rows, outputs, errors, self.actor_id, shard_id, spec.outputs)
         busy_s = time.perf_counter() - started
         stats = dict(rows=table.num_rows, rows_ok=len(outputs), rows_failed=len(errors),
-                     prompt_tokens=sum(o["num_prompt_tokens"] for o in outputs.values()),
-                     generated_tokens=sum(len(o["token_ids"]) for o in outputs.values()), busy_s=busy_s,
-                     **generated.times)
+                     prompt_tokens=sum(out[0]["num_prompt_tokens"] for out in outputs.values()),
+                     generated_tokens=sum(len(c["token_ids"]) for out in outputs.values() for c in out),
+                     busy_s=busy_s, **generated.times)
         self.metrics.on_shard(len(outputs), len(errors), stats["generated_tokens"])
         self.log.info("shard %d: %d rows (%d failed), %d tokens in %.2fs", shard_id, table.num_rows, len(errors),
                       stats["generated_tokens"], busy_s)
         return ShardResult(results, self._tag_steps(generated.steps, shard_id), stats, self.engine.finished_rows.count)
+
+    def _make_params(self, **kwargs: Any) -> Any:
+        """A row's SamplingParams, checked against the model (its output constraint compiled, in this worker
+        thread while the engine runs), so that a bad one fails its row instead of the engine's step."""
+        params = self.params_class(**kwargs)
+        self.llm.check_params(params)
+        return params
 
     async def _generate(self, prompts: list[list[int]], params: list[Any]) -> BatchOutput:
         """The shard's one call into the engine (tests override it to inject faults)."""

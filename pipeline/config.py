@@ -46,11 +46,17 @@ class JobConfig:
     progress_interval_s: float = 30.0
     report: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)  # the other SamplingParams flags that were given
     command: tuple[str, ...] = ()       # the command line, to print how to resume
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings recorded in the manifest that a resumed run must share."""
-        return {name: getattr(self, name) for name in RESULT_SETTINGS}
+        """The settings recorded in the manifest that a resumed run must share: the sampling flags only when given,
+        so that manifests written before those flags existed still match."""
+        return {**{name: getattr(self, name) for name in RESULT_SETTINGS}, **self.sampling}
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """SamplingParams keyword arguments for every row; a row's own columns override them."""
+        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, **self.sampling)
 
     def engine_kwargs(self, device: str) -> dict[str, Any]:
         """Keyword arguments for ``engine.LLM`` on ``device`` ("cuda" or "cpu")."""
@@ -81,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output", default=None, help="output directory (default: results/<job-id>)")
     io.add_argument("--prompt-column", default="prompt",
                     help="text column; a column of chat messages (list of {role, content}) is rendered with the "
-                         "chat template. If the default 'prompt' is missing, a 'messages' column is used. Optional "
-                         "per-row columns max_tokens, temperature, top_p, seed override the flags.")
+                         "chat template. If the default 'prompt' is missing, a 'messages' column is used. Per-row "
+                         "columns named as the generation flags (max_tokens, temperature, n, json_schema, choice, "
+                         "...), plus seed and a sampling_params struct, override the flags for their row.")
     io.add_argument("--split", default="train", help="split to read from a Hugging Face DatasetDict")
     io.add_argument("--shard-size", type=int, default=256,
                     help="rows per shard: the unit of dispatch, retry and output (one part file each)")
@@ -103,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest prompt + generation in tokens; longer prompts fail alone")
     gen.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                      help=f"extra engine.LLM argument (repeatable), one of: {', '.join(ENGINE_ARGS)}")
+    _add_sampling_flags(p)
     run = p.add_argument_group("cluster")
     run.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda if the cluster has GPUs, else cpu")
     run.add_argument("--num-actors", type=int, default=None,
@@ -118,6 +126,56 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress-interval", type=float, default=30.0,
                      help="seconds between progress lines when stderr is not a terminal")
     return p
+
+
+# SamplingParams fields with flags of the same name (--top-k for top_k), beyond the three above: (type, help).
+SAMPLING_FLAGS: dict[str, tuple[type, str]] = {
+    "top_k": (int, "sample from the k most likely tokens (-1: all)"),
+    "min_p": (float, "drop tokens below min_p x the most likely one's probability"),
+    "min_tokens": (int, "tokens to generate before EOS or a stop may end a row"),
+    "n": (int, "completions per row; the generated columns become lists of n"),
+    "repetition_penalty": (float, "divide positive logits (multiply negative ones) of seen tokens by this (1: off)"),
+    "presence_penalty": (float, "subtract this from the logits of generated tokens, in [-2, 2]"),
+    "frequency_penalty": (float, "subtract this x the count of each generated token, in [-2, 2]"),
+    "logprobs": (int, "write each generated token's logprob and the top-k alternatives (generated_logprobs, "
+                      "generated_top_logprobs), from the raw logits"),
+    "prompt_logprobs": (int, "the same for prompt tokens (prompt_token_logprobs, prompt_top_logprobs)"),
+}
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The SamplingParams flags; each is left out of the job's settings unless given."""
+    s = p.add_argument_group("sampling and output constraints (each also a per-row column of the same name)")
+    for name, (kind, why) in SAMPLING_FLAGS.items():
+        s.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=why)
+    s.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a row at this text, left out of the output (repeatable)")
+    one = s.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE",
+                     help="constrain every row to JSON valid under the schema in FILE (per row: a json_schema "
+                          "column holding the schema as a JSON string)")
+    one.add_argument("--json-object", action="store_true", default=None, help="constrain every row to a JSON object")
+    one.add_argument("--regex", default=None, help="constrain every row to text that fully matches this regex")
+    one.add_argument("--choice", nargs="+", default=None, metavar="TEXT", help="constrain every row to one of these")
+    one.add_argument("--grammar", type=_text_file, default=None, metavar="FILE",
+                     help="constrain every row to the EBNF (GBNF) grammar in FILE")
+
+
+def _text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _json_file(path: str) -> str:
+    text = _text_file(path)
+    try:
+        json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{path} is not JSON: {e}") from None
+    return text
 
 
 def parse_config(argv: list[str]) -> JobConfig:
@@ -153,7 +211,13 @@ def parse_config(argv: list[str]) -> JobConfig:
         prompt_column=a.prompt_column, split=a.split, address=a.address, log_level=a.log_level,
         max_shard_retries=a.max_shard_retries, resume=a.resume, overwrite=a.overwrite,
         progress_interval_s=a.progress_interval, report=a.report, engine_args=_parse_engine_args(a.engine_arg),
-        command=tuple(argv))
+        sampling=_given_sampling(a), command=tuple(argv))
+
+
+def _given_sampling(a: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingParams flags that were given (checked against the engine's own rules by the driver)."""
+    names = [*SAMPLING_FLAGS, "stop", "json_schema", "json_object", "regex", "choice", "grammar"]
+    return {name: getattr(a, name) for name in names if getattr(a, name) is not None}
 
 
 def _parse_engine_args(items: list[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@ processor built like ray.data.llm's (:func:`build_processor`), and a function on
 without Ray (:func:`generate_table`).
 
 All turn rows into results exactly as an ``offline_batch`` job does (the same prompt column rules, per-row
-overrides, row errors and :data:`pipeline.rows.OUTPUT_SCHEMA` columns appended after the input's own),
+overrides, row errors and result columns (:class:`pipeline.rows.OutputSpec`) appended after the input's own),
 because all drive the job's :class:`pipeline.actor.EngineActor` in-process. ``Generate.__call__`` is async:
 with ``ActorPoolStrategy(max_concurrent_calls_per_actor=k)``, k batches are in one actor's engine at once
 (one engine loop per actor), so the next batch's rows start as the previous batch's finish, as in a job. What a job adds on top
@@ -34,13 +34,12 @@ import pyarrow as pa
 
 from pipeline.actor import EngineActor
 from pipeline.inputs import resolve_prompt_column
-from pipeline.rows import OUTPUT_SCHEMA, RowSpec
+from pipeline.rows import RowSpec, check_defaults, output_spec
 
 Batch = pa.Table | dict[str, Any] | Any   # an Arrow table, a dict of NumPy arrays, or a pandas DataFrame
 Rows = TypeVar("Rows")                    # pa.Table or datasets.Dataset
 Row = dict[str, Any]
 PROMPT_COLUMN_OPTION = "prompt_column="   # how the prompt column is named in this module's Python API
-DEFAULT_SAMPLING = ("max_tokens", "temperature", "top_p")
 
 
 class Generate:
@@ -54,30 +53,38 @@ class Generate:
 
     Constructor keyword arguments: ``model`` and every other ``engine.LLM`` argument (``max_model_len``,
     ``tensor_parallel_size``, ``device``, ``kvcache_block_size``, ...) go to the engine; ``prompt_column``,
-    ``max_tokens``, ``temperature`` and ``top_p`` mean what the offline_batch flags of the same names mean,
-    and per-row ``max_tokens``/``temperature``/``top_p``/``seed`` columns or a ``sampling_params`` struct
-    override them. ``log_level`` is the actor's own log level (INFO logs a line per batch).
+    ``max_tokens``, ``temperature`` and ``top_p`` mean what the offline_batch flags of the same names mean;
+    ``default_sampling_params`` sets any SamplingParams field for every row (``n``, ``logprobs``,
+    ``json_schema``, ``choice``, penalties, ...; it wins over those three). An unknown field or a bad value
+    raises ValueError here, before the engine loads. Per-row columns of the same names, ``seed``, or a
+    ``sampling_params`` struct override them. ``log_level`` is the actor's own log level (INFO logs a line
+    per batch).
 
     In the results, ``actor_id`` names this instance and ``shard_id`` numbers the batches it has run.
     """
 
     def __init__(self, model: str = "demo", *, prompt_column: str = "prompt", max_tokens: int = 64,
-                 temperature: float = 1.0, top_p: float = 1.0, log_level: str = "WARNING", **engine_kwargs: Any):
+                 temperature: float = 1.0, top_p: float = 1.0, default_sampling_params: dict[str, Any] | None = None,
+                 log_level: str = "WARNING", **engine_kwargs: Any):
         actor_id, job_id = _identity()
         self.prompt_column = prompt_column
+        defaults = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p) | (default_sampling_params or {})
+        check_defaults(defaults)
         self.engine = EngineActor(actor_id, job_id, dict(model=model, **engine_kwargs),
-                                  RowSpec(prompt_column, max_tokens, temperature, top_p), log_level=log_level)
+                                  RowSpec(prompt_column, defaults), log_level=log_level)
         self.batch_ids = itertools.count()
 
     async def __call__(self, batch: Batch) -> pa.Table:
-        """The batch's columns followed by the :data:`~pipeline.rows.OUTPUT_SCHEMA` columns, row for row."""
+        """The batch's columns followed by the result columns, row for row."""
         table = to_arrow(batch)
-        # Resolved per batch: the column rules (``messages`` when ``prompt`` is absent) need the batch's schema.
+        # Resolved per batch: the column rules (``messages`` when ``prompt`` is absent) and the result columns (a
+        # batch whose rows may ask for n > 1 or logprobs) need the batch's schema.
         column = resolve_prompt_column(table.schema, self.prompt_column, PROMPT_COLUMN_OPTION)
-        spec = dataclasses.replace(self.engine.row_spec, prompt_column=column)
+        spec = self.engine.row_spec
+        spec = dataclasses.replace(spec, prompt_column=column, outputs=output_spec(table.schema, spec.defaults))
         results = (await self.engine.run_shard(next(self.batch_ids), table, spec)).results
         return pa.Table.from_arrays([*table.columns, *results.columns],
-                                    names=[*table.column_names, *OUTPUT_SCHEMA.names])
+                                    names=[*table.column_names, *results.column_names])
 
     def shutdown(self) -> None:
         """Free the engine now rather than when the instance is garbage-collected."""
@@ -93,9 +100,9 @@ class ProcessorConfig:
     ``model_source``: a model name as ``--model`` takes it. ``batch_size``: rows per ``__call__``.
     ``concurrency``: engine actors. ``max_concurrent_batches``: batches in one actor's engine at once.
     ``engine_kwargs``: other ``engine.LLM`` arguments (``max_model_len``, ``device``, ``tensor_parallel_size``,
-    ...). Ours: ``prompt_column``; ``default_sampling_params`` (``max_tokens``, ``temperature``, ``top_p``) for
-    rows whose ``sampling_params`` lack them; ``num_gpus`` per actor (default: ``tensor_parallel_size`` on a
-    cluster with GPUs, else 0).
+    ...). Ours: ``prompt_column``; ``default_sampling_params`` (any SamplingParams fields) for rows whose
+    ``sampling_params`` lack them; ``num_gpus`` per actor (default: ``tensor_parallel_size`` on a cluster with
+    GPUs, else 0).
     """
     model_source: str = "demo"
     batch_size: int = 64
@@ -110,15 +117,13 @@ class ProcessorConfig:
         for name in ("batch_size", "concurrency", "max_concurrent_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ProcessorConfig.{name}={getattr(self, name)!r} must be >= 1")
-        unknown = set(self.default_sampling_params) - set(DEFAULT_SAMPLING)
-        if unknown:
-            raise ValueError(f"ProcessorConfig.default_sampling_params: unknown {sorted(unknown)}; give "
-                             f"{', '.join(DEFAULT_SAMPLING)} here, anything else per row in 'sampling_params'")
+        if self.default_sampling_params:  # checked here, not in each Ray Data actor as it starts
+            check_defaults(self.default_sampling_params)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """``Generate``'s constructor arguments."""
-        return dict(model=self.model_source, prompt_column=self.prompt_column, **self.default_sampling_params,
-                    **self.engine_kwargs)
+        return dict(model=self.model_source, prompt_column=self.prompt_column,
+                    default_sampling_params=self.default_sampling_params, **self.engine_kwargs)
 
     def gpus_per_actor(self) -> float:
         if self.num_gpus is not None:

@@ -40,7 +40,7 @@ from pipeline.errors import JobFailed, root_cause
 from pipeline.inputs import InputSource
 from pipeline.output import OutputDir
 from pipeline.progress import Progress
-from pipeline.rows import OUTPUT_SCHEMA, error_result_table
+from pipeline.rows import OutputSpec, error_result_table
 from pipeline.signals import StopRequest
 from pipeline.stats import JobStats, result_totals
 
@@ -139,12 +139,13 @@ class JobRunner:
     while the driver finishes planning), :meth:`run`, and :meth:`stop_actors` (always)."""
 
     def __init__(self, config: JobConfig, source: InputSource, out: OutputDir, num_shards: int, actors: ActorPlan,
-                 actor_columns: list[str], stats: JobStats, resume_hint: str, stop: StopRequest):
+                 outputs: OutputSpec, actor_columns: list[str], stats: JobStats, resume_hint: str, stop: StopRequest):
         self.config, self.source, self.out, self.num_shards = config, source, out, num_shards
         self.actor_args, self.num_actors, self.actor_columns = actors.args, actors.count, actor_columns
         self.remote_cls = ray.remote(actors.cls).options(num_cpus=1, num_gpus=actors.gpus, max_restarts=0,
                                                           runtime_env={"env_vars": actors.env_vars})
-        self.output_schema = pa.schema(list(source.schema) + list(OUTPUT_SCHEMA))
+        self.outputs = outputs
+        self.output_schema = pa.schema(list(source.schema) + list(outputs.schema()))
         self.stats, self.resume_hint, self.stop = stats, resume_hint, stop
         self.status, self.error = "starting", None
         self.summary: dict[str, Any] = {}           # what stats.json says, once written
@@ -400,7 +401,7 @@ class JobRunner:
         else:
             log.error("%s failed %d times; marking it failed: %s", piece.describe(), piece.attempts, reason)
             error = f"row failed on {piece.attempts} attempt(s), the last: {reason}"
-            self._piece_done(piece, error_result_table(1, error, actor.actor_id, piece.shard_id), None, 0)
+            self._piece_done(piece, error_result_table(1, error, actor.actor_id, piece.shard_id, self.outputs), None, 0)
 
     def _piece_done(self, piece: Piece, results: pa.Table, steps: pa.Table | None, generated_tokens: int) -> None:
         shard = self.pending[piece.shard_id]

@@ -30,7 +30,7 @@ from pipeline.dispatch import ActorPlan, JobRunner
 from pipeline.errors import JobFailed, UsageError, one_line, root_cause
 from pipeline.inputs import InputSource, open_input, resolve_prompt_column
 from pipeline.output import OutputDir, make_manifest
-from pipeline.rows import OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN, RowSpec
+from pipeline.rows import OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN, RowSpec, check_defaults, output_spec
 from pipeline.sample import sample_prompts
 from pipeline.signals import StopRequest
 from pipeline.stats import JobStats
@@ -67,7 +67,7 @@ def run_job(config: JobConfig, actor_cls: type = EngineActor, stop: StopRequest 
     """
     started = time.monotonic()
     with nullcontext(stop) if stop is not None else StopRequest() as stop:
-        model = in_background(check_model, config.model, config.log_level)  # while the input is read, Ray starts
+        settings = in_background(check_settings, config)  # while the input is read, Ray starts
         plan = plan_job(config)
         if plan.shards_left == 0 and plan.out.manifest_path.exists():
             prepare_output(config, plan)  # a finished job: the input must still be the same one
@@ -76,7 +76,7 @@ def run_job(config: JobConfig, actor_cls: type = EngineActor, stop: StopRequest 
             return JobReport("nothing to do", 0, plan.out.root)
         fingerprint = in_background(fingerprint_input, plan.source)  # while Ray and the actors start
         with ray_session(config.address):
-            model.result()  # a model that cannot be resolved stops the job here, before any actor starts
+            settings.result()  # a model that cannot be resolved stops the job here, before any actor starts
             runner = make_runner(config, plan, actor_cls, stop, started)
             try:
                 runner.start_actors()     # they load their engines while the input is fingerprinted
@@ -120,12 +120,13 @@ def prepare_output(config: JobConfig, plan: JobPlan) -> set[int]:
 
 def make_runner(config: JobConfig, plan: JobPlan, actor_cls: type, stop: StopRequest, started: float) -> JobRunner:
     device, num_actors, gpus = resolve_resources(config, plan.shards_left)
-    row_spec = RowSpec(plan.prompt_column, config.max_tokens, config.temperature, config.top_p)
+    defaults = config.sampling_defaults()
+    row_spec = RowSpec(plan.prompt_column, defaults, output_spec(plan.source.schema, defaults))
     actors = ActorPlan(actor_cls, (plan.job_id, config.engine_kwargs(device), row_spec, config.log_level),
                        num_actors, gpus, env_vars={"NANOVLLM_LOG_LEVEL": config.log_level})  # read at engine import
     stats = JobStats(plan.job_id, started, resources=dict(device=device, num_actors=num_actors, gpus_per_actor=gpus))
     row_columns = [plan.prompt_column, *OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN]
-    return JobRunner(config, plan.source, plan.out, plan.num_shards, actors,
+    return JobRunner(config, plan.source, plan.out, plan.num_shards, actors, row_spec.outputs,
                      [c for c in row_columns if c in plan.source.schema.names], stats, resume_command(config), stop)
 
 
@@ -141,6 +142,22 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Future:
 
     threading.Thread(target=run, name=f"driver-{fn.__name__}", daemon=True).start()
     return future
+
+
+def check_settings(config: JobConfig) -> None:
+    """What the engine will say about the job's model and sampling flags, said once, before any actor starts."""
+    check_model(config.model, config.log_level)
+    check_sampling(config)
+
+
+def check_sampling(config: JobConfig) -> None:
+    """Each sampling flag by the engine's rules, so that a bad one stops the job in one line naming it instead of
+    failing every row."""
+    for name, value in config.sampling.items():
+        try:
+            check_defaults({"max_tokens": config.max_tokens, name: value})
+        except ValueError as e:
+            raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
 
 
 def check_model(model: str, log_level: str = "WARNING") -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 @dataclass
 class BatchOutput:
-    outputs: list[dict]                                        # one result per request, in request order
+    outputs: list[list[dict]]                                  # per request, in order: its n completions' results
     steps: list[dict[str, Any]] = field(default_factory=list)  # the step records attributed to this batch
     times: dict[str, float | int] = field(default_factory=lambda: dict(prefill_time_s=0.0, decode_time_s=0.0,
                                                                       steps=0))
@@ -31,13 +31,28 @@ class _Batch:
     prompts: list[list[int]]
     params: list[Any]
     future: Future
-    outputs: list[dict | None] = field(init=False)
-    remaining: int = field(init=False)
+    outputs: list[list[dict | None]] = field(init=False)
+    remaining: list[int] = field(init=False)   # per request: completions not finished yet
+    rows_left: int = field(init=False)
     result: BatchOutput = field(init=False)
 
     def __post_init__(self) -> None:
-        self.outputs, self.remaining = [None] * len(self.prompts), len(self.prompts)
+        self.outputs = [[None] * p.n for p in self.params]
+        self.remaining = [p.n for p in self.params]
+        self.rows_left = len(self.prompts)
         self.result = BatchOutput(outputs=[])
+
+    def finish(self, index: int, completion: int, output: dict) -> bool:
+        """Record one completion's result; whether that finished its request."""
+        self.outputs[index][completion] = output
+        self.remaining[index] -= 1
+        if self.remaining[index]:
+            return False
+        self.rows_left -= 1
+        if not self.rows_left:
+            self.result.outputs = self.outputs
+            self.future.set_result(self.result)
+        return True
 
 
 class FinishedRows:
@@ -92,7 +107,8 @@ class EngineLoop:
         self._thread.start()
 
     def submit(self, prompts: list[list[int]], params: list[Any]) -> Future:
-        """Queue one batch (prompt token ids and SamplingParams, pairwise); its future yields a BatchOutput."""
+        """Queue one batch (prompt token ids and SamplingParams, pairwise; ``n`` completions each); its future
+        yields a BatchOutput."""
         batch = _Batch(prompts, params, Future())
         if not prompts:
             batch.future.set_result(batch.result)
@@ -111,7 +127,7 @@ class EngineLoop:
 
     # ----- the loop thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
-        owners: dict[int, tuple[_Batch, Any]] = {}   # seq_id -> (its batch, the engine Sequence), by arrival
+        owners: dict[int, tuple[_Batch, int]] = {}   # seq_id -> (its batch, which completion), by arrival
         error: BaseException = RuntimeError("the engine loop was stopped")
         try:
             while True:
@@ -131,25 +147,24 @@ class EngineLoop:
                 if not batch.future.done():
                     batch.future.set_exception(error)
 
-    def _admit(self, batch: _Batch, owners: dict[int, tuple[_Batch, Any]]) -> None:
+    def _admit(self, batch: _Batch, owners: dict[int, tuple[_Batch, int]]) -> None:
+        """Add every request's completions, one after another (the later ones find the prompt in the prefix cache)."""
         for i, (prompt_ids, params) in enumerate(zip(batch.prompts, batch.params)):
-            seq = self.llm.add_request(prompt_ids, params, i)
-            owners[seq.seq_id] = (batch, seq)
+            for j in range(params.n):
+                seq = self.llm.add_request(prompt_ids, params.for_completion(j), i)
+                owners[seq.seq_id] = (batch, j)
 
-    def _step(self, owners: dict[int, tuple[_Batch, Any]]) -> None:
+    def _step(self, owners: dict[int, tuple[_Batch, int]]) -> None:
         out = self.llm.step()
         in_batch = Counter(batch for seq_id, (batch, _) in owners.items() if seq_id in out.new_tokens)
         oldest = next(iter(owners.values()))[0]
         record = dict(out.record.to_dict(), num_new_tokens=sum(map(len, out.new_tokens.values())))
         self._attribute(record, max(in_batch, key=in_batch.__getitem__, default=oldest))
+        rows_done = 0
         for seq in out.finished:
-            batch, _ = owners.pop(seq.seq_id)
-            batch.outputs[seq.index] = self.llm.result(seq)
-            batch.remaining -= 1
-            if not batch.remaining:
-                batch.result.outputs = batch.outputs
-                batch.future.set_result(batch.result)
-        self.finished_rows.add(len(out.finished))
+            batch, completion = owners.pop(seq.seq_id)
+            rows_done += batch.finish(seq.index, completion, self.llm.result(seq))
+        self.finished_rows.add(rows_done)
 
     def _attribute(self, record: dict[str, Any], batch: _Batch) -> None:
         self.on_step(record)

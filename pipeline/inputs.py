@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import xxhash
 
 from pipeline.errors import JobFailed, UsageError, one_line
-from pipeline.rows import OUTPUT_SCHEMA, OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN
+from pipeline.rows import ALL_RESULT_COLUMNS, OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN
 
 FILE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json",
                 ".csv": "csv", ".arrow": "ipc", ".feather": "ipc"}
@@ -185,12 +185,25 @@ def check_hub_dataset(name: str) -> None:
                          f"({one_line(e)}); if the dataset is in the local cache, set HF_HUB_OFFLINE=1") from e
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+# What each kind of per-row override column (pipeline.rows.OVERRIDE_COLUMNS) may hold.
+COLUMN_KINDS = {
+    "number": lambda t: pa.types.is_integer(t) or pa.types.is_floating(t),
+    "text": _is_text,
+    "bool": pa.types.is_boolean,
+    "texts": lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_text(t.value_type),
+}
+
+
 # ----- column checks -------------------------------------------------------------------------------------------
 def resolve_prompt_column(schema: pa.Schema, prompt_column: str, option: str = "--prompt-column") -> str:
     """The column holding prompts: ``prompt_column``, or ``messages`` when the default ``prompt`` is absent.
 
     Raises :class:`UsageError` for a missing column or one whose type can never hold prompts, for override
-    columns that are not numbers or a ``sampling_params`` column that is not a struct, and for input columns
+    columns of the wrong type or a ``sampling_params`` column that is not a struct, and for input columns
     that would clash with the result columns. ``option`` is how the caller's user names the prompt column
     (a flag, or a Python argument).
     """
@@ -205,17 +218,16 @@ def resolve_prompt_column(schema: pa.Schema, prompt_column: str, option: str = "
     if kind is None:
         raise UsageError(f"column {column!r} has type {schema.field(column).type}; expected text (string), chat "
                          f"messages (list<struct<role: string, content: string>>) or token ids (list<int>)")
-    for name in OVERRIDE_COLUMNS:
-        if name in names:
-            t = schema.field(name).type
-            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
-                raise UsageError(f"column {name!r} (a per-row override) has type {t}; expected numbers")
+    for name, kind in OVERRIDE_COLUMNS.items():
+        t = schema.field(name).type if name in names else None
+        if t is not None and not pa.types.is_null(t) and not any(COLUMN_KINDS[k](t) for k in kind.split(" or ")):
+            raise UsageError(f"column {name!r} (a per-row override) has type {t}; expected {kind}")
     if SAMPLING_PARAMS_COLUMN in names:
         t = schema.field(SAMPLING_PARAMS_COLUMN).type
         if not (pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_null(t)):
             raise UsageError(f"column {SAMPLING_PARAMS_COLUMN!r} has type {t}; expected a struct of SamplingParams "
                              f"fields (max_tokens, temperature, top_p, seed, ...)")
-    clashes = [n for n in names if n in OUTPUT_SCHEMA.names]
+    clashes = [n for n in names if n in ALL_RESULT_COLUMNS]
     if clashes:
         raise UsageError(f"input columns {clashes} clash with result columns of the same names; rename them")
     return column
@@ -223,7 +235,7 @@ def resolve_prompt_column(schema: pa.Schema, prompt_column: str, option: str = "
 
 def prompt_kind(t: pa.DataType) -> str | None:
     """"text", "chat", "token_ids" or "null" (all rows null: each fails alone); None if no prompt fits ``t``."""
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+    if _is_text(t):
         return "text"
     if pa.types.is_null(t):
         return "null"

@@ -182,9 +182,11 @@ def manifest_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                          f"input was {old['input'].get('path')})")
     if old.get("shard_size") != new.get("shard_size"):
         diffs.append(f"--shard-size (was {old.get('shard_size')}, now {new.get('shard_size')})")
-    for key, value in new["settings"].items():
-        if old["settings"].get(key) != value:
-            diffs.append(f"{key} (was {old['settings'].get(key)!r}, now {value!r})")
+    # Over the keys of both: a setting given before and left out now (--n 2, then no --n) differs too.
+    for key in [*new["settings"], *(k for k in old["settings"] if k not in new["settings"])]:
+        was, now = old["settings"].get(key), new["settings"].get(key)
+        if was != now:
+            diffs.append(f"{key} (was {_short(repr(was))}, now {_short(repr(now))})")
     return diffs
 
 

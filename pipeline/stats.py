@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
@@ -93,9 +94,16 @@ def result_totals(parts: list[Path]) -> dict[str, int]:
     if not parts:
         return totals
     table = pads.dataset([str(p) for p in parts], format="parquet").to_table(
-        columns=["finish_reason", "num_prompt_tokens", "num_generated_tokens"])
-    failed = int(pc.sum(pc.equal(table["finish_reason"], "error")).as_py() or 0)
+        columns=["error", "num_prompt_tokens", "num_generated_tokens"])
+    failed = table.num_rows - table["error"].null_count
     totals.update(rows_done=table.num_rows, rows_ok=table.num_rows - failed, rows_failed=failed,
                   prompt_tokens=int(pc.sum(table["num_prompt_tokens"]).as_py() or 0),
-                  generated_tokens=int(pc.sum(table["num_generated_tokens"]).as_py() or 0))
+                  generated_tokens=_total(table["num_generated_tokens"]))
     return totals
+
+
+def _total(counts: pa.ChunkedArray) -> int:
+    """The sum of a count column: one count per row, or (rows with n completions) a list of counts per row."""
+    if pa.types.is_list(counts.type):
+        counts = pc.list_flatten(counts)
+    return int(pc.sum(counts).as_py() or 0)

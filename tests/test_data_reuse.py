@@ -4,6 +4,7 @@ Parquet to Parquet, and ``generate_table`` on a pyarrow Table or a Hugging Face 
 exactly the columns of an offline_batch job, with the same row rules."""
 import asyncio
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import pytest
 from pipeline.data import Generate, ProcessorConfig, build_processor, generate_table, run_sync, to_arrow
 from pipeline.errors import UsageError
 from pipeline.rows import OUTPUT_SCHEMA
-from test_pipeline_support import start_ray_cluster
+from test_pipeline_support import TOP_LOGPROBS, check_logprobs, start_ray_cluster
 
 ray_cluster = pytest.fixture(scope="module")(start_ray_cluster)
 
@@ -176,5 +177,52 @@ def test_build_processor_runs_a_parquet_to_parquet_pipeline(ray_cluster, local_r
 def test_processor_config_rejects_what_it_cannot_honour():
     with pytest.raises(ValueError, match="batch_size=0"):
         ProcessorConfig(batch_size=0)
-    with pytest.raises(ValueError, match="default_sampling_params: unknown \\['top_k'\\]"):
-        ProcessorConfig(default_sampling_params=dict(top_k=5))
+    with pytest.raises(ValueError, match="unknown sampling parameter: .*'top_kk'"):
+        ProcessorConfig(default_sampling_params=dict(top_kk=5))
+    with pytest.raises(ValueError, match="SamplingParams.top_k=0"):
+        ProcessorConfig(default_sampling_params=dict(top_k=0))
+    assert ProcessorConfig(default_sampling_params=dict(top_k=5, n=2)).generate_kwargs()["default_sampling_params"] \
+        == dict(top_k=5, n=2)
+
+
+# ----- sampling parameters (issue 14) -----------------------------------------------------------------------------
+def test_generate_table_takes_default_sampling_params_and_per_row_columns():
+    """The defaults constrain every row (choice) and ask for logprobs; a row's regex replaces the choice, its ``n``
+    asks for more completions (so every row's generated columns are lists), and a bad ``n`` fails that row alone."""
+    table = pa.table({"prompt": ["a b c", "d e f", "g h i", "j k l"], "regex": [None, "[0-9]{2}", None, None],
+                      "n": [None, 3, 1, 0]})
+    out = generate_table(table, **ENGINE, default_sampling_params=dict(choice=["yes", "no"], logprobs=1))
+    rows = out.to_pylist()
+    assert [r["error"] for r in rows[:3]] == [None] * 3
+    assert rows[3]["error"] == "invalid sampling params: SamplingParams.n=0 must be an int >= 1"
+    assert rows[3]["finish_reason"] is None and rows[3]["generated_text"] is None
+    assert [len(r["generated_text"]) for r in rows[:3]] == [1, 3, 1]
+    assert all(text in ("yes", "no") for r in (rows[0], rows[2]) for text in r["generated_text"])
+    assert all(re.fullmatch("[0-9]{2}", text) for text in rows[1]["generated_text"]), rows[1]["generated_text"]
+    for r in rows[:3]:
+        assert r["finish_reason"] == ["stop"] * len(r["generated_text"])  # each completion ended by its constraint
+        for ids, logprobs, top in zip(r["generated_token_ids"], r["generated_logprobs"], r["generated_top_logprobs"]):
+            check_logprobs(ids, logprobs, top, k=1)
+
+
+def test_generate_table_with_logprobs_and_one_completion_keeps_scalar_columns():
+    out = generate_table(add_prompt(topics_table()), **ENGINE, default_sampling_params=dict(logprobs=3))
+    assert out.schema.field("generated_text").type == pa.string()
+    assert out.schema.field("generated_logprobs").type == pa.list_(pa.float32())
+    assert out.schema.field("generated_top_logprobs").type == TOP_LOGPROBS
+    for r in out.to_pylist():
+        if r["id"] in BAD:
+            assert r["generated_logprobs"] is None and r["generated_top_logprobs"] is None
+        else:
+            check_logprobs(r["generated_token_ids"], r["generated_logprobs"], r["generated_top_logprobs"], k=3)
+
+
+def test_bad_default_sampling_params_fail_before_a_model_loads():
+    """A model that does not exist: an error about it would mean the engine was loaded before the check."""
+    rows = pa.table({"prompt": ["hi"]})
+    with pytest.raises(ValueError, match="unknown sampling parameter: .*'top_kk'"):
+        generate_table(rows, model="/no/such/model", default_sampling_params=dict(top_kk=5))
+    with pytest.raises(ValueError, match="SamplingParams.n=0"):
+        Generate(model="/no/such/model", default_sampling_params=dict(n=0))
+    with pytest.raises(ValueError, match="regex does not compile"):
+        Generate(model="/no/such/model", default_sampling_params=dict(regex="(unclosed"))

@@ -47,6 +47,17 @@ def test_flags_become_a_config():
     assert parse_config([]).job_id != "" and parse_config([]).output.startswith("results/")
 
 
+def test_sampling_flags_become_the_rows_defaults_and_result_settings(tmp_path):
+    (tmp_path / "schema.json").write_text('{"type": "object"}')
+    c = parse_config(["--n", "2", "--top-k", "5", "--presence-penalty", "0.5", "--stop", "x", "--stop", "y",
+                      "--json-schema", str(tmp_path / "schema.json"), "--max-tokens", "8"])
+    assert c.sampling == dict(top_k=5, n=2, presence_penalty=0.5, stop=["x", "y"], json_schema='{"type": "object"}')
+    assert c.sampling_defaults() == dict(max_tokens=8, temperature=1.0, top_p=1.0, **c.sampling)
+    assert c.result_settings()["json_schema"] == '{"type": "object"}' and c.result_settings()["n"] == 2
+    assert parse_config(["--choice", "a", "b"]).sampling == dict(choice=["a", "b"])
+    assert parse_config([]).sampling == {} and "n" not in parse_config([]).result_settings()
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(["--help"])
@@ -54,7 +65,10 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--model", "--device", "--num-actors", "--tensor-parallel-size",
                  "--shard-size", "--max-tokens", "--temperature", "--top-p", "--max-model-len", "--prompt-column",
-                 "--address", "--log-level", "--job-id", "--max-shard-retries", "--resume", "--overwrite"):
+                 "--address", "--log-level", "--job-id", "--max-shard-retries", "--resume", "--overwrite",
+                 "--top-k", "--min-p", "--min-tokens", "--n", "--repetition-penalty", "--presence-penalty",
+                 "--frequency-penalty", "--logprobs", "--prompt-logprobs", "--stop", "--json-schema", "--json-object",
+                 "--regex", "--choice", "--grammar"):
         assert flag in text
 
 
@@ -110,9 +124,16 @@ def test_prompt_column_rules():
     assert resolve_prompt_column(pa.schema([("messages", chat)]), "prompt") == "messages"
     assert resolve_prompt_column(pa.schema([("q", pa.large_string()), ("max_tokens", pa.float64())]), "q") == "q"
     assert resolve_prompt_column(pa.schema([("ids", pa.list_(pa.int32()))]), "ids") == "ids"
+    overrides = pa.schema([("prompt", pa.string()), ("n", pa.int8()), ("choice", pa.list_(pa.large_string())),
+                           ("stop", pa.string()), ("json_object", pa.bool_()), ("regex", pa.null())])
+    assert resolve_prompt_column(overrides, "prompt") == "prompt"
     bad = [(pa.schema([("text", pa.string())]), "no column 'prompt'"),
            (pa.schema([("prompt", pa.int64())]), "type int64"),
            (pa.schema([("prompt", pa.string()), ("max_tokens", pa.string())]), "'max_tokens'"),
+           (pa.schema([("prompt", pa.string()), ("json_schema", pa.struct([("type", pa.string())]))]),
+            r"'json_schema' \(a per-row override\) has type struct<type: string>; expected text"),
+           (pa.schema([("prompt", pa.string()), ("stop", pa.int64())]), "'stop' .*expected text or texts"),
+           (pa.schema([("prompt", pa.string()), ("generated_logprobs", pa.string())]), "clash"),
            (pa.schema([("prompt", pa.string()), ("error", pa.string())]), "clash")]
     for schema, message in bad:
         with pytest.raises(UsageError, match=message):
@@ -133,7 +154,8 @@ def test_rows_become_requests_or_errors():
     table = pa.table({"prompt": ["ok", None, "boom", "ok", "ok", "ok"],
                       "max_tokens": [None, None, None, 0, 3.0, None],
                       "temperature": [None, None, None, None, None, float("nan")]})
-    requests, errors = prepare_requests(table, RowSpec("prompt", 8, 0.5, 1.0), encode, SamplingParams)
+    spec = RowSpec("prompt", dict(max_tokens=8, temperature=0.5, top_p=1.0))
+    requests, errors = prepare_requests(table, spec, encode, SamplingParams)
     assert [r.index for r in requests] == [0, 4]
     assert (requests[0].params.max_tokens, requests[0].params.temperature) == (8, 0.5)
     assert requests[1].params.max_tokens == 3  # whole floats from pandas-style columns become ints
@@ -146,14 +168,14 @@ def test_rows_become_requests_or_errors():
 def test_result_table_has_one_row_per_input_row():
     out = dict(text="hi", token_ids=[5, 6], finish_reason="stop", num_prompt_tokens=3, num_cached_tokens=0,
                ttft_s=0.1, latency_s=0.2)
-    table = build_result_table(3, {0: out, 2: out}, {1: "bad"}, "actor-0", 7)
+    table = build_result_table(3, {0: [out], 2: [out]}, {1: "bad"}, "actor-0", 7)
     assert table.schema == OUTPUT_SCHEMA
     rows = table.to_pylist()
     assert [r["finish_reason"] for r in rows] == ["stop", "error", "stop"]
     assert rows[1]["error"] == "bad" and rows[1]["generated_text"] is None
     assert rows[0]["num_generated_tokens"] == 2 and rows[0]["shard_id"] == 7 and rows[0]["actor_id"] == "actor-0"
     with pytest.raises(ValueError, match="neither"):
-        build_result_table(2, {0: out}, {}, "actor-0", 0)
+        build_result_table(2, {0: [out]}, {}, "actor-0", 0)
 
 
 # ----- output -----------------------------------------------------------------------------------------------------

@@ -88,6 +88,21 @@ def assert_each_id_once(results: pa.Table, num_rows: int) -> None:
     assert sorted(ids) == list(range(num_rows)), f"rows missing or duplicated: {sorted(ids)}"
 
 
+# The Arrow type of generated_top_logprobs (one completion): per token, its alternatives.
+TOP_LOGPROBS = pa.list_(pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())])))
+
+
+def check_logprobs(token_ids: list[int], logprobs: list[float], top: list[list[dict]], k: int) -> None:
+    """One completion's logprob columns: one entry per generated token; each token's alternatives are the k most
+    likely, most likely first, plus the chosen token (with its own logprob) when it is not among them."""
+    assert 1 <= len(token_ids) == len(logprobs) == len(top)
+    for token, logprob, alternatives in zip(token_ids, logprobs, top):
+        assert logprob <= 0 and k <= len(alternatives) <= k + 1
+        values = [a["logprob"] for a in alternatives]
+        assert values == sorted(values, reverse=True)
+        assert {a["token_id"]: a["logprob"] for a in alternatives}[token] == logprob
+
+
 def part_files(output: Path) -> list[Path]:
     return sorted((Path(output) / "results").glob("part-*.parquet"))
 

@@ -39,6 +39,8 @@ def _bad_inputs(tmp_path):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "no_prompt.parquet")
     pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "int_prompt.parquet")
     pq.write_table(pa.table({"prompt": ["a"], "max_tokens": ["lots"]}), tmp_path / "str_override.parquet")
+    pq.write_table(pa.table({"prompt": ["a"], "n": ["two"]}), tmp_path / "str_n.parquet")
+    pq.write_table(pa.table({"prompt": ["a"], "choice": ["yes"]}), tmp_path / "str_choice.parquet")
     pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "a_file").write_text("x")
@@ -59,6 +61,10 @@ def _bad_inputs(tmp_path):
                               "column 'prompt' has type int64", 2),
         "wrong override type": (["--input", str(tmp_path / "str_override.parquet"), "--output", out],
                                 "column 'max_tokens' .* has type string", 2),
+        "wrong n type": (["--input", str(tmp_path / "str_n.parquet"), "--output", out],
+                         "column 'n' \\(a per-row override\\) has type string; expected number", 2),
+        "choice not a list": (["--input", str(tmp_path / "str_choice.parquet"), "--output", out],
+                              "column 'choice' .* has type string; expected texts", 2),
         "empty dataset": (["--input", str(tmp_path / "empty.parquet"), "--output", out], "has no rows", 2),
         "empty directory": (["--input", str(tmp_path / "empty_dir"), "--output", out], "has no data files", 2),
         "output is a file": (["--input", str(ok), "--output", str(tmp_path / "a_file")], "not a directory", 2),
@@ -77,6 +83,11 @@ def _bad_inputs(tmp_path):
         "unknown engine arg": (["--engine-arg", "warp_speed=9"], "--engine-arg 'warp_speed=9'", 2),
         "resume and overwrite": (["--resume", "--overwrite"], "contradict", 2),
         "bad job id": (["--job-id", "../escape"], "--job-id", 2),
+        "json schema not JSON": (["--json-schema", str(tmp_path / "prompts.txt")],
+                                 "argument --json-schema: .*prompts.txt is not JSON", 2),
+        "json schema missing": (["--json-schema", str(tmp_path / "nope.json")],
+                                "argument --json-schema: cannot read .*nope.json", 2),
+        "two constraints": (["--regex", "a+", "--choice", "a"], "--choice: not allowed with argument --regex", 2),
     }
 
 
@@ -108,6 +119,25 @@ def test_models_that_cannot_be_resolved_fail_with_one_line_before_any_actor(tmp_
         assert main(["--input", str(ok), "--model", model, "--output", str(tmp_path / "out")]) == 2, model
         lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[pipeline]")]
         assert len(lines) == 1 and lines[0].startswith(f"error: --model {model}: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_sampling_flags_fail_with_one_line_before_any_actor(tmp_path, capsys, monkeypatch):
+    """The engine's own rules (SamplingParams, and xgrammar for a constraint, which needs no tokenizer), checked
+    by the driver: a flag every row would fail on stops the job in one line naming it, exit 2."""
+    (tmp_path / "bogus.json").write_text('{"type": "bogus"}')
+    cases = {("--json-schema", str(tmp_path / "bogus.json")):
+             'error: --json-schema: json_schema does not compile: Unsupported type "bogus"',
+             ("--top-k", "0"): "error: --top-k: SamplingParams.top_k=0 must be -1 (off) or an int >= 1",
+             ("--min-tokens", "9"): "error: --min-tokens: SamplingParams.min_tokens=9 must be an int in [0, max_",
+             ("--regex", "(unclosed"): "error: --regex: regex does not compile: "}
+    monkeypatch.setattr("pipeline.driver.connect_ray", lambda address: None)
+    monkeypatch.setattr("pipeline.driver.make_runner", lambda *a: pytest.fail("no actor may start"))
+    ok = write_prompts(tmp_path / "ok.parquet", PROMPTS)
+    for flags, message in cases.items():
+        assert main(["--input", str(ok), "--max-tokens", "4", *flags, "--output", str(tmp_path / "out")]) == 2, flags
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[pipeline]")]
+        assert len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "out").exists()
 
 
