@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -16,7 +17,7 @@ from engine.model_runner import ModelRunner, SampledTokens
 from engine.outputs import SchedulerOutput, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sequence import LogprobStaging, Sequence
 from engine.structured import GrammarError, GrammarQueue, accept_tokens
 
 logger = get_logger(__name__)
@@ -51,6 +52,7 @@ class LLMEngine:
         self.model_runner.eos_token_ids = sorted(eos_token_ids)
         self.grammars = GrammarQueue(self.tokenizer, self.config.hf_config.vocab_size, sorted(eos_token_ids))
         self.sync_seq_ids: set[int] = set()  # unfinished requests whose next step needs their tokens on the host
+        self.logprob_staging = LogprobStaging()  # the latest steps' generated-token logprobs (engine/sequence.py)
         self.step_callbacks: list[Callable[[StepRecord], None]] = []
         # Async scheduling feeds sampled tokens to the next step on the device (single-rank runner only).
         self.async_scheduling = self.config.async_scheduling and self.config.tensor_parallel_size == 1
@@ -210,18 +212,20 @@ class LLMEngine:
             raise ValueError(f"request {e.seq.index} (seq {e.seq.seq_id}): {e}") from None
 
     def _record_logprobs(self, step: SampledTokens, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Keep the step's logprobs as numpy rows of each sequence (engine/sequence.py); ``result`` builds the
+        entries. Rows of sequences that finished while the step was in flight are one past the end: skipped."""
         for seq, first, logprobs in step.prompt_logprobs:
-            targets = seq.token_ids[first:first + len(logprobs.token)]
-            entries = logprobs.rows(targets, [seq.params.prompt_logprobs] * len(targets))
-            del seq.prompt_logprobs[first:]  # positions recomputed after a preemption come again
-            seq.prompt_logprobs += entries
+            token, top_ids, top = logprobs.numpy()
+            seq.prompt_logprobs.truncate(first - 1)  # positions recomputed after a preemption come again
+            seq.prompt_logprobs.add(np.asarray(seq.token_ids[first:first + len(token)]), token, top_ids, top)
         if step.logprobs is None:
             return
-        rows = step.logprob_rows
-        entries = step.logprobs.rows([token_ids[r] for r in rows], [seqs[r].params.logprobs for r in rows])
-        for row, entry in zip(rows, entries):
-            if not seqs[row].is_finished:
-                seqs[row].logprobs.append(entry)
+        rows, staging = step.logprob_rows, self.logprob_staging
+        first = staging.add(np.take(token_ids, rows), *step.logprobs.numpy())
+        for i, row in enumerate(rows, first):
+            seq = seqs[row]
+            if not seq.is_finished:
+                seq.logprobs.stage(i, staging)
 
     def _advance_grammars(self, seqs: list[Sequence]) -> list[Sequence]:
         """Move each constrained sequence's matcher past its new token; finish those whose grammar ended."""
@@ -347,9 +351,10 @@ class LLMEngine:
                    num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.first_cached_tokens or 0,
                    ttft_s=seq.first_token_time - seq.arrival_time, latency_s=seq.finish_time - seq.arrival_time)
         if seq.logprobs is not None:
-            out["token_logprobs"], out["logprobs"] = _unzip(seq.logprobs)
+            out["token_logprobs"], out["logprobs"] = seq.logprobs.lists(self.logprob_staging)
         if seq.prompt_logprobs is not None:
-            out["prompt_token_logprobs"], out["prompt_logprobs"] = _unzip(seq.prompt_logprobs)
+            token_logprobs, alternatives = seq.prompt_logprobs.lists(self.logprob_staging)
+            out["prompt_token_logprobs"], out["prompt_logprobs"] = [None] + token_logprobs, [None] + alternatives
         return out
 
     def shutdown(self) -> None:
@@ -359,11 +364,6 @@ class LLMEngine:
         if getattr(self, "model_runner", None) is not None:
             self.model_runner.shutdown()
             self.model_runner = None
-
-
-def _unzip(entries: list[tuple[float, dict] | None]) -> tuple[list, list]:
-    """[(logprob, alternatives) or None] -> ([logprob or None], [alternatives or None])."""
-    return [e and e[0] for e in entries], [e and e[1] for e in entries]
 
 
 class LLM(LLMEngine):

@@ -1,5 +1,6 @@
 """Triton fused kernels (engine/kernels/triton_fused.py) against the PyTorch versions in
-engine/layers/fusion.py, which in turn must round exactly as HF transformers' eager code does.
+engine/layers/fusion.py, which in turn must round exactly as HF transformers' eager code does; the raw-logprobs
+kernels (engine/kernels/triton_logprobs.py) against ``torch.log_softmax`` + ``topk``.
 
 Two tiers (see tests/triton_tiers.py): small sizes through the Triton interpreter on CPU (or on the GPU when
 there is one), and ``gpu``-marked real sizes and CUDA-graph capture.
@@ -21,9 +22,9 @@ import torch
 
 from tests.triton_tiers import (DEVICE, ON_GPU, gpu, in_fresh_interpreter, interpreter_active,
                                 needs_cuda, run_in_fresh_interpreter, small, triton)
-from engine.kernels import triton_fused  # noqa: I001 (after triton_tiers)
-from engine.layers import fusion
-from engine.layers.sampler import Sampler, SamplingBatch
+from engine.kernels import triton_fused, triton_logprobs  # noqa: I001 (after triton_tiers)
+from engine.layers import fusion, sampler
+from engine.layers.sampler import Sampler, SamplingBatch, token_logprobs
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 DTYPES = [torch.float32, *HALF_DTYPES]
@@ -273,6 +274,78 @@ def test_gumbel_unseeded_distribution():
     assert chi2 < 13.8, (counts.tolist(), chi2)  # p = 0.001
 
 
+def kernel_logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor, k: int):
+    rows = torch.tensor(rows, device=logits.device)
+    partials = triton_logprobs.logprob_partials(logits, rows, k)
+    return rows, triton_logprobs.finish_logprobs(partials, logits, rows, tokens)
+
+
+def check_logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor, k: int):
+    """Against torch: the top ids' logits are ``topk``'s values (ties: lowest id first), the logprobs are
+    ``log_softmax``'s (to fp32 rounding of the logsumexp)."""
+    rows, (token, top_ids, top) = kernel_logprobs(logits, rows, tokens, k)
+    raw = logits.index_select(0, rows).float()
+    ref = torch.log_softmax(raw, -1)
+    assert top_ids.dtype == torch.int64 and top_ids.shape == top.shape == (len(rows), k)
+    assert torch.equal(raw.gather(1, top_ids), raw.topk(k, -1).values)
+    values = raw.gather(1, top_ids)
+    assert bool(((values[:, 1:] != values[:, :-1]) | (top_ids[:, 1:] > top_ids[:, :-1])).all())
+    torch.testing.assert_close(top, ref.gather(1, top_ids), rtol=0, atol=2e-5)
+    torch.testing.assert_close(token, ref.gather(1, tokens.index_select(0, rows)[:, None])[:, 0], rtol=0, atol=2e-5)
+
+
+def masked_logits(vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows as a batch leaves them: plain, masked to 3 tokens (fewer than k), half masked, tied maxima across and
+    within segments, and a view with a row stride wider than the vocabulary."""
+    logits = randn(6, vocab + 7, dtype=dtype, scale=3.0)[:, :vocab]
+    logits[1, 3:] = float("-inf")
+    logits[2, ::2] = float("-inf")
+    logits[3, [7, 9, vocab // 2, vocab - 1]] = 50.0
+    return logits
+
+
+@small
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,k", [(1000, 1), (1000, 20), (4099, 5), (4099, 20)])
+def test_logprobs_kernel_matches_log_softmax_topk(vocab, k, dtype):
+    """4099: a second segment of 3 columns; bf16 logits tie often."""
+    tokens = torch.randint(0, vocab, (6,), generator=torch.Generator().manual_seed(vocab)).to(DEVICE)
+    tokens[1] = 2  # the masked row's token is one of its 3 allowed ones
+    check_logprobs(masked_logits(vocab, dtype), [4, 0, 1, 2, 3], tokens, k)
+
+
+@small
+def test_logprobs_kernel_without_alternatives_and_ties_to_lowest_id():
+    logits = masked_logits(1000, torch.float32)
+    check_logprobs(logits, [0, 3], torch.zeros(6, dtype=torch.int64, device=DEVICE), 0)
+    _, (_, top_ids, _) = kernel_logprobs(logits, [3, 1], torch.zeros(6, dtype=torch.int64, device=DEVICE), 6)
+    assert top_ids[0, :4].tolist() == [7, 9, 500, 999]
+    assert sorted(top_ids[1, :3].tolist()) == [0, 1, 2] and top_ids[1, 3:].tolist() == [3, 4, 5]  # then -inf by id
+
+
+@small
+def test_sampler_logprobs_read_the_raw_logits(monkeypatch):
+    """The sampler's kernel path (forced on CPU): a grammar-masked fp32 row still gets the raw logprobs, and
+    the bitmask does not mask the caller's logits in place before the sampled tokens' logits are read."""
+    monkeypatch.setattr(sampler, "use_triton_kernels", lambda x: True)
+    import numpy as np
+    logits = randn(3, 1000, scale=3.0)
+    raw = logits.clone()
+    allowed = np.zeros((3, 32), dtype=np.uint32)  # a row per logits row; only row 2 is applied
+    allowed[2, 0] = 0b1010  # tokens 1 and 3
+    bitmask = torch.from_numpy(allowed.view(np.int32)).to(DEVICE), [2]
+    zeros = torch.zeros(3, device=DEVICE)
+    batch = SamplingBatch(zeros, zeros.long(), zeros + 1, zeros, zeros.long() - 1, zeros.long(), all_greedy=True,
+                          any_greedy=True, use_top_k_top_p=False, use_min_p=False, any_seeded=False,
+                          logprob_rows=torch.tensor([2, 0], device=DEVICE), num_logprobs=4, bitmask=bitmask)
+    sampled, logprobs = Sampler().sample(logits, batch)
+    assert int(sampled[2]) in (1, 3) and torch.equal(logits, raw)
+    ref = token_logprobs(torch.log_softmax(raw[[2, 0]], -1), sampled[[2, 0]], 4)
+    assert torch.equal(logprobs.top_ids, ref.top_ids)
+    torch.testing.assert_close(logprobs.top, ref.top, rtol=0, atol=2e-5)
+    torch.testing.assert_close(logprobs.token, ref.token, rtol=0, atol=2e-5)
+
+
 # ---------------------------------------------------------------------- GPU tier (real sizes)
 
 @gpu
@@ -399,3 +472,24 @@ def test_cuda_graph_capture():
         assert torch.equal(outs[0][1], ref[0][1]) and ulp_distance(outs[0][0], ref[0][0]) <= NORM_ULP
         assert torch.equal(outs[1][0], ref[1][0]) and torch.equal(outs[1][1], ref[1][1])
         assert ulp_distance(outs[2], ref[2]) <= NORM_ULP and torch.equal(outs[3], ref[3])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [5, 20])
+def test_logprobs_kernel_gpu(dtype, k, monkeypatch):
+    """256 of 300 rows of Qwen3's vocabulary, and the sampler on CUDA against its torch path."""
+    logits = randn(300, 151936, dtype=dtype, scale=3.0)
+    logits[5, 1000:] = float("-inf")
+    rows = list(range(256))
+    tokens = torch.randint(0, 1000, (300,), device="cuda")
+    check_logprobs(logits, rows, tokens, k)
+    batch = sampling_batch([0.0] * 300, [-1] * 300, [0] * 300)
+    batch.logprob_rows, batch.num_logprobs = torch.tensor(rows, device="cuda"), k
+    sampled, kernel = Sampler().sample(logits, batch)
+    monkeypatch.setenv("NANOVLLM_FUSED_KERNELS", "0")
+    again, ref = Sampler().sample(logits, batch)
+    assert torch.equal(sampled, again) and kernel.top_ids.shape == ref.top_ids.shape == (256, k)
+    torch.testing.assert_close(kernel.top, ref.top, rtol=0, atol=2e-5)
+    torch.testing.assert_close(kernel.token, ref.token, rtol=0, atol=2e-5)

@@ -1,9 +1,11 @@
 """Logprobs of sampled tokens: taken from the raw logits, before penalties, grammar masks and temperature."""
+import numpy as np
 import pytest
 import torch
 
-from engine import SamplingParams
+from engine import LLM, SamplingParams
 from engine.layers.sampler import Sampler, SamplingBatch, token_logprobs
+from engine.sequence import LogprobEntries, LogprobStaging
 from engine.logits_processors import ProcessorRow, build_penalty_batch
 
 
@@ -19,8 +21,11 @@ def test_token_logprobs_are_log_softmax_with_top_k():
     out = token_logprobs(lp, torch.tensor([0, 5, 29, 7]), 3)
     assert torch.equal(out.token, lp[torch.arange(4), torch.tensor([0, 5, 29, 7])])
     assert torch.equal(out.top, lp.topk(3, -1).values) and torch.equal(out.top_ids, lp.topk(3, -1).indices)
-    token, alternatives = out.rows([0, 5, 29, 7], [3, 3, 1, 0])[2]
-    assert token == float(lp[2, 29]) and len(alternatives) <= 2 and alternatives[29] == token
+    entries = LogprobEntries(1)
+    entries.add(np.array([0, 5, 29, 7]), *out.numpy())  # a step's k (3) is cut to the sequence's k
+    tokens, alternatives = entries.lists(LogprobStaging())
+    assert tokens[2] == float(lp[2, 29]) and len(alternatives[2]) <= 2 and alternatives[2][29] == tokens[2]
+    assert type(tokens[2]) is float and all(type(t) is int for t in alternatives[2])
 
 
 def test_sample_returns_raw_logprobs_of_the_asking_rows_only():
@@ -44,6 +49,58 @@ def test_no_logprobs_when_no_row_asks():
 def test_invalid_logprobs_name_the_field_and_range(field, value):
     with pytest.raises(ValueError, match=rf"{field}={value!r} must be None or an int in \[0, 20\]"):
         SamplingParams(**{field: value})
+
+
+def step_entries(step: int):
+    """A step of two rows: token ids, their logprobs, 3 alternatives each."""
+    top_ids = np.array([[1, 2, 3], [4, 5, 6]]) + step
+    top = -np.arange(6, dtype=np.float32).reshape(2, 3) - step
+    return np.array([10 + step, 20 + step]), np.array([-0.5, -1.5], dtype=np.float32) - step, top_ids, top
+
+
+def test_staged_entries_move_into_blocks_of_their_own():
+    staging = LogprobStaging(rows=3)  # fills every other step
+    a, b = LogprobEntries(2), LogprobEntries(0)
+    for step in range(4):
+        first = staging.add(*step_entries(step))
+        a.stage(first, staging)
+        b.stage(first + 1, staging)
+    assert len(a.staged) == 1 and not any(np.shares_memory(block, staging.buffer) for block in a.blocks)
+    assert a.lists(staging) == ([-0.5, -1.5, -2.5, -3.5], [{1 + s: -s, 2 + s: -1 - s, 10 + s: -0.5 - s}
+                                                          for s in range(4)])
+    assert b.lists(staging) == ([-1.5, -2.5, -3.5, -4.5], [{20 + s: -1.5 - s} for s in range(4)])
+
+
+def test_prompt_entries_recomputed_after_preemption_replace_the_old_ones():
+    entries = LogprobEntries(1)
+    entries.add(*step_entries(0))
+    entries.add(*step_entries(1))
+    entries.truncate(3)
+    assert len(entries.lists(LogprobStaging())[0]) == 3
+    entries.truncate(1)
+    entries.add(*step_entries(5))
+    assert entries.lists(LogprobStaging()) == ([-0.5, -5.5, -6.5], [{1: 0.0, 10: -0.5}, {6: -5.0, 15: -5.5},
+                                                                   {9: -8.0, 25: -6.5}])
+
+
+def test_logprobs_survive_preemption_and_staging_flushes(tiny_models):
+    """A tiny KV cache preempts (prompt logprobs are recomputed) and a 5-row staging buffer flushes every other
+    step: the results equal a roomy engine's, where nothing of that happens."""
+    path, prompts = tiny_models["llama"], [[5 + i + j for j in range(20)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    ref = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=128).generate(prompts, params, use_tqdm=False)
+    tight = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=6, max_num_seqs=4)
+    tight.logprob_staging = LogprobStaging(rows=5)
+    records = []
+    tight.add_step_callback(records.append)
+    out = tight.generate(prompts, params, use_tqdm=False)
+    assert sum(r.num_preempted for r in records) > 0
+    for o, r in zip(out, ref):
+        assert o["token_ids"] == r["token_ids"] and len(o["logprobs"]) == 30 and len(o["prompt_logprobs"]) == 20
+        assert o["token_logprobs"] == pytest.approx(r["token_logprobs"], abs=1e-5)
+        assert o["prompt_token_logprobs"] == pytest.approx(r["prompt_token_logprobs"], abs=1e-5)
+        for alts, ref_alts in zip(o["logprobs"] + o["prompt_logprobs"][1:], r["logprobs"] + r["prompt_logprobs"][1:]):
+            assert alts == pytest.approx(ref_alts, abs=1e-5)
 
 
 # ----- the real model (SmolLM2-135M-Instruct, fp32 on CPU) against transformers -----------------------------------

@@ -9,12 +9,17 @@ On CUDA the noise, scaling and argmax are one Triton kernel (``triton_fused.gumb
 noise in registers: the hash above, bit for bit, for seeded rows; Philox keyed by (row, step seed) for the
 others. The step seed is a host-side counter, so consecutive steps differ without a device sync.
 
-:meth:`Sampler.sample` first takes the logprobs of the rows that ask for them from the raw logits, then applies
-the grammar bitmask and the logits processors (``engine.logits_processors``) of the rows that have them; each
-part costs nothing when no row of the batch uses it (host flags, no kernels).
+:meth:`Sampler.sample` first reads the raw logits of the rows that ask for logprobs, then applies the grammar
+bitmask and the logits processors (``engine.logits_processors``) of the rows that have them, samples, and
+finishes the logprobs with the sampled tokens; each part costs nothing when no row of the batch uses it (host
+flags, no kernels). On CUDA the logprobs never materialise a log-softmax: ``triton_logprobs`` takes each row's
+logsumexp and top-k logits in one read and gathers the sampled token's logit afterwards (:func:`raw_logprobs`);
+elsewhere ``torch.log_softmax`` + ``topk`` is the exact reference.
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -68,22 +73,30 @@ class TokenLogprobs:
     top_ids: torch.Tensor  # [R, k]
     top: torch.Tensor      # [R, k]
 
-    def rows(self, token_ids: list[int], ks: list[int]) -> list[tuple[float, dict[int, float]]]:
-        """Host form, row i: (logprob of ``token_ids[i]``, ``{token id: logprob}`` of its top ``ks[i]`` and
-        ``token_ids[i]``)."""
-        token, top_ids, top = self.token.tolist(), self.top_ids.tolist(), self.top.tolist()
-        out = []
-        for i, (token_id, k) in enumerate(zip(token_ids, ks)):
-            alternatives = dict(zip(top_ids[i][:k], top[i][:k]))
-            alternatives[token_id] = token[i]
-            out.append((token[i], alternatives))
-        return out
+    def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(token, top_ids, top)`` as numpy views of these host tensors."""
+        return self.token.numpy(), self.top_ids.numpy(), self.top.numpy()
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> TokenLogprobs:
     """From log-softmaxed rows ``[R, V]``: each row's logprob of ``token_ids[r]`` and its top ``k``."""
     top, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     return TokenLogprobs(logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1), top_ids, top)
+
+
+def raw_logprobs(logits: torch.Tensor, rows: torch.Tensor, k: int) -> Callable[[torch.Tensor], TokenLogprobs]:
+    """Start the raw logprobs of ``rows`` ``[R]`` of ``logits`` ``[B, V]`` with their top ``k``; the returned
+    function, given a token id per logits row ``[B]`` (the sampled ones), finishes them.
+
+    This reads ``logits`` now, so call it before the logits are processed. On CUDA the finish reads the tokens'
+    own logits again: their rows must not change in between (penalties make a new tensor).
+    """
+    if use_triton_kernels(logits):
+        from engine.kernels.triton_logprobs import finish_logprobs, logprob_partials
+        partials = logprob_partials(logits, rows, k)
+        return lambda token_ids: TokenLogprobs(*finish_logprobs(partials, logits, rows, token_ids))
+    logprobs = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
+    return lambda token_ids: token_logprobs(logprobs, token_ids.index_select(0, rows), k)
 
 
 class Sampler(nn.Module):
@@ -96,18 +109,19 @@ class Sampler(nn.Module):
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, TokenLogprobs | None]:
         """Sampled token ids ``[B]`` after the grammar mask and logits processors, and the raw logprobs of the
         ``batch.logprob_rows`` (None when no row asks)."""
-        raw = None
+        finish_logprobs = None
         if batch.logprob_rows is not None:
-            raw = torch.log_softmax(logits.index_select(0, batch.logprob_rows).float(), dim=-1)
+            finish_logprobs = raw_logprobs(logits, batch.logprob_rows, batch.num_logprobs)
+        raw = logits
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         if batch.bitmask is not None:
             from engine.structured import apply_bitmask
+            if finish_logprobs is not None and logits is raw and raw.dtype == torch.float32:
+                logits = logits.clone()  # apply_bitmask masks fp32 logits in place; the logprobs read the raw ones
             logits = apply_bitmask(logits, batch.bitmask)
         sampled = self(logits, batch)
-        if raw is None:
-            return sampled, None
-        return sampled, token_logprobs(raw, sampled.index_select(0, batch.logprob_rows), batch.num_logprobs)
+        return sampled, finish_logprobs and finish_logprobs(sampled)
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits ``[B, V]`` → sampled token ids ``[B]``."""
