@@ -8,6 +8,7 @@ import torch
 class Context:
     is_prefill: bool = False
     cu_seqlens_q: torch.Tensor | None = None   # [B+1] prefill: new tokens per row, packed
+    num_decode_tokens: int = 0                 # prefill: rows [0, n) are decode rows of one token each
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     has_cached_prefix: bool = False            # some row attends to keys before its new tokens (prefix-cache

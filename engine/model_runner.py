@@ -1,7 +1,7 @@
 """Owns the model on one device (one TP rank): weights, the paged KV cache, CUDA graphs, input preparation,
 the forward pass and sampling. Each step runs one :class:`SchedulerOutput`: a decode-only batch replays a CUDA
-graph; any other (prompt chunks, alone or with decode rows) runs eagerly through the paged prefill attention,
-where a decode row is a one-token query over its whole context."""
+graph; any other (prompt chunks, alone or with decode rows) runs eagerly, its decode rows through the decode
+attention kernel and its prompt chunks through the paged prefill attention."""
 import logging
 from dataclasses import dataclass, field, replace
 from itertools import chain
@@ -227,8 +227,9 @@ class ModelRunner:
         ids_d, positions_d, slots_d, *pending_d = self._upload(input_ids, positions, slot_mapping, *pending)
         cu_d, context_d, tables_d = self._upload(cu_seqlens_q, context_lens, tables, dtype=np.int32)
         self._feed_pending(ids_d, *pending_d)
-        set_context(is_prefill=True, cu_seqlens_q=cu_d, max_seqlen_q=int(new_lens.max()),
-                    max_seqlen_k=int(context_lens.max()), has_cached_prefix=bool(starts.any()),
+        set_context(is_prefill=True, cu_seqlens_q=cu_d, num_decode_tokens=batch.num_decode_rows,
+                    max_seqlen_q=int(new_lens.max()), max_seqlen_k=int(context_lens.max()),
+                    has_cached_prefix=bool(starts.any()),
                     slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] PREFILL tensors: input_ids=[%d], positions=[%d], slot_mapping=[%d]",

@@ -241,6 +241,15 @@ def test_real_model_bf16_matches_hf():
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     finally:
         llm.shutdown()
+    chunked = LLM("demo", max_num_batched_tokens=64)  # prompts in chunks, in steps with the earlier rows' decodes
+    records = []
+    chunked.add_step_callback(records.append)
+    try:
+        chunked_outs = chunked.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                                        use_tqdm=False)
+        mixed_steps = sum(r.num_decode_seqs > 0 and r.num_prefill_tokens > 0 for r in records)
+    finally:
+        chunked.shutdown()
     our_err = (torch.stack(logits) - ref).abs().amax(1)
     reference = [hf_greedy(path, p, 24, hf32) for p in prompts]
     hf16_greedy = [hf_greedy(path, p, 24, hf16) for p in prompts]
@@ -248,15 +257,19 @@ def test_real_model_bf16_matches_hf():
     tie_gap = 2 * hf_err.max().item()
     equal, gaps = near_tie_report(hf32, prompts, reference, tokens, tie_gap)
     hf_equal, hf_gaps = near_tie_report(hf32, prompts, reference, hf16_greedy, float("inf"))
+    chunked_equal, chunked_gaps = near_tie_report(hf32, prompts, reference, [o["token_ids"] for o in chunked_outs],
+                                                  tie_gap)
     print(f"\n[SmolLM2-135M bf16] max |logit - fp32|: engine {our_err.max():.4f} (mean {our_err.mean():.4f}), HF bf16 "
           f"{hf_err.max():.4f} (mean {hf_err.mean():.4f}); greedy vs fp32: engine {equal}/{24 * len(prompts)} steps "
           f"before divergence, gaps {[round(g, 3) for g in gaps]}; HF bf16 {hf_equal}, gaps "
-          f"{[round(g, 3) for g in hf_gaps]}")
+          f"{[round(g, 3) for g in hf_gaps]}; chunked prefill mixed with decodes (budget 64 tokens) {chunked_equal}, "
+          f"gaps {[round(g, 3) for g in chunked_gaps]}")
     for q, got, want, hf16_tokens in zip(SMOLLM2_QUESTIONS, tokens, reference, hf16_greedy):
         print(f"  {q!r}\n    engine bf16: {tokenizer.decode(got)!r}\n    HF fp32:     {tokenizer.decode(want)!r}"
               f"\n    HF bf16:     {tokenizer.decode(hf16_tokens)!r}")
     assert our_err.max() <= hf_err.max() and our_err.mean() <= hf_err.mean()
     assert "Paris" in tokenizer.decode(tokens[0])
+    assert mixed_steps and "Paris" in tokenizer.decode(chunked_outs[0]["token_ids"])
 
 
 def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):

@@ -251,6 +251,44 @@ def test_real_head_layouts_small(num_heads, num_kv_heads, head_dim):
                   triton_attention.PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2))
 
 
+def check_mixed_step(num_heads, num_kv_heads, head_dim, dtype, seed):
+    """A step of decode rows followed by prompt chunks through the Attention layer with the Triton backend
+    (decode rows through the decode kernel, chunks through the paged prefill kernel) against the reference
+    prefill attention over every row."""
+    from engine.context import reset_context, set_context
+    from engine.layers.attention import Attention
+    block_size, gen = 16, torch.Generator().manual_seed(seed)
+    q_lens, contexts = [1, 1, 1, 7, 20], [17, 33, 5, 16, 20]  # 3 decode rows; a chunk after 9 cached tokens; a prompt
+    k_cache, v_cache, tables, lens = make_paged(contexts, num_kv_heads, head_dim, block_size, dtype, gen)
+    q = strided_query(sum(q_lens), num_heads, head_dim, dtype, gen)
+    k = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(sum(q_lens), num_kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    positions = [p for n, c in zip(q_lens, contexts) for p in range(c - n, c)]
+    rows = [r for r, n in enumerate(q_lens) for _ in range(n)]
+    slots = torch.tensor([tables[r, p // block_size].item() * block_size + p % block_size
+                          for r, p in zip(rows, positions)], device=DEVICE)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    layer = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
+    layer.k_cache, layer.v_cache = k_cache, v_cache
+    set_context(is_prefill=True, cu_seqlens_q=cu, num_decode_tokens=3, max_seqlen_q=max(q_lens),
+                max_seqlen_k=max(contexts), has_cached_prefix=True, slot_mapping=slots, context_lens=lens,
+                block_tables=tables)
+    try:
+        Attention.backend = "triton"
+        out = layer(q, k, v)
+    finally:
+        Attention.backend = "torch"
+        reset_context()
+    ref = reference.paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, tables, head_dim ** -0.5)
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+@small
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (10, 2, 80), (16, 8, 128)])
+def test_mixed_step_attention_small(num_heads, num_kv_heads, head_dim):
+    check_mixed_step(num_heads, num_kv_heads, head_dim, torch.float32, seed=num_heads + head_dim)
+
+
 # ---------------------------------------------------------------------- GPU tier (real sizes)
 
 HEADS = [(16, 16), (16, 8), (32, 4)]  # GQA ratios 1, 2, 8
@@ -318,6 +356,13 @@ def test_prefill_gpu(block_size, num_heads, num_kv_heads):
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_prefill_gpu_dtypes(dtype, head_dim):
     check_prefill([300, 77], [300, 500], 8, 2, head_dim, 16, dtype, seed=head_dim)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (16, 8, 128)])
+def test_mixed_step_attention_gpu_bf16(num_heads, num_kv_heads, head_dim):
+    check_mixed_step(num_heads, num_kv_heads, head_dim, torch.bfloat16, seed=head_dim)
 
 
 @gpu

@@ -41,14 +41,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                                 block_tables: torch.Tensor, scale: float,
-                                max_seqlen_q: int | None = None) -> torch.Tensor:
+                                max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill attention where each sequence's new tokens are the last ones of its cached context.
 
     q: ``[total_q, num_heads, head_dim]``, sequences packed back to back (``cu_seqlens_q`` ``[B+1]``);
     ``context_lens[b]`` counts cached + new tokens; K/V are read from the cache (already stored).
-    ``max_seqlen_q`` is a launch-size hint used by the Triton kernel; the reference ignores it.
+    ``max_seqlen_q`` is a launch-size hint used by the Triton kernel; the reference ignores it. ``out``
+    (shape of q), if given, is written at the rows of these sequences only.
     """
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     starts = cu_seqlens_q.tolist()
     for b, ctx in enumerate(context_lens.tolist()):
         s, e = starts[b], starts[b + 1]
@@ -60,12 +61,13 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               scale: float, shared_blocks: torch.Tensor | None = None) -> torch.Tensor:
+                               scale: float, shared_blocks: torch.Tensor | None = None, *,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention: one query token per sequence (``q: [B, num_heads, head_dim]``).
 
     ``shared_blocks`` (how many leading blocks every row shares) is a hint for the Triton kernel's
-    cascade path; the result does not depend on it."""
-    out = torch.empty_like(q)
+    cascade path; the result does not depend on it. ``out`` (shape of q) is written if given."""
+    out = torch.empty_like(q) if out is None else out
     for b, ctx in enumerate(context_lens.tolist()):
         k = gather_context(k_cache, block_tables[b], ctx)
         v = gather_context(v_cache, block_tables[b], ctx)

@@ -83,11 +83,15 @@ class Attention(nn.Module):
                                           causal=True, block_table=ctx.block_tables)
         if self.backend == "triton" and not ctx.has_cached_prefix and _use_varlen(q):
             return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
-        fn = reference.paged_prefill_attention_ref
+        prefill = reference.paged_prefill_attention_ref
         if self.backend == "triton":
-            from engine.kernels.triton_attention import paged_prefill_attention as fn
-        return fn(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
-                  self.scale, ctx.max_seqlen_q)
+            from engine.kernels.triton_attention import paged_prefill_attention as prefill
+        out, n = torch.empty(q.shape, dtype=q.dtype, device=q.device), ctx.num_decode_tokens
+        if n:  # one-token rows would fill 1/BLOCK_M of the prefill kernel's query tiles, without splitting keys
+            _decode(self.backend)(q[:n], self.k_cache, self.v_cache, ctx.block_tables[:n], ctx.context_lens[:n],
+                                  self.scale, out=out[:n])
+        return prefill(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q[n:], ctx.context_lens[n:],
+                       ctx.block_tables[n:], self.scale, ctx.max_seqlen_q, out=out)
 
 
 def _use_varlen(q: torch.Tensor) -> bool:
