@@ -12,7 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the job; return 0 when every row has a result or an error, non-zero otherwise (see docs/pipeline.md)."""
     argv = sys.argv[1:] if argv is None else argv
     with StopRequest() as stop:  # first: a signal at any later point only asks the job to stop
-        logging.basicConfig(level=logging.INFO, format="[pipeline] %(message)s", stream=sys.stderr)
+        # The job's own INFO lines; other libraries' stay at WARNING (torch logs cache statistics at exit at INFO).
+        logging.basicConfig(level=logging.WARNING, format="[pipeline] %(message)s", stream=sys.stderr)
+        logging.getLogger("pipeline").setLevel(logging.INFO)
         try:
             config = parse_config(argv)
             from pipeline.driver import run_job  # imports Ray: after the flags are known to be good
