@@ -17,6 +17,7 @@ table shows both and the ratio: the same requests, measured in the same run of t
                                     [--baseline vllm]
 """
 import argparse
+import collections
 import gc
 import glob
 import json
@@ -132,17 +133,48 @@ def timed_generate(llm: LLM, requests: list[Request]) -> tuple[float, list[dict]
     return time.perf_counter() - start, outs
 
 
-def engine_rate(llm: LLM, requests: list[Request], timed_runs: int = 3) -> dict:
+StepRow = collections.namedtuple("StepRow", "phase step_time_s num_decode_seqs num_prefill_tokens")
+
+
+STEPS_DIR: str | None = None  # --steps-dir: each workload's step records of its last run, as JSON
+
+
+def dump_steps(name: str, records: list) -> None:
+    if STEPS_DIR and records:
+        os.makedirs(STEPS_DIR, exist_ok=True)
+        with open(os.path.join(STEPS_DIR, f"{name}.steps.json"), "w") as f:
+            json.dump({k: [getattr(r, k) for r in records] for k in records[0].to_dict()}, f)
+
+
+def step_mix(records: list) -> dict:
+    """Per phase ("prefill": steps with prompt tokens, "decode": decode-only): steps, their total time, and the
+    mean step time, decode rows and prompt tokens per step."""
+    mix = {}
+    for phase in ("prefill", "decode"):
+        steps = [r for r in records if r.phase == phase]
+        n = max(1, len(steps))
+        mix[phase] = dict(steps=len(steps), time_s=sum(r.step_time_s for r in steps),
+                          mean_ms=1e3 * sum(r.step_time_s for r in steps) / n,
+                          mean_decode_rows=sum(r.num_decode_seqs for r in steps) / n,
+                          mean_prompt_tokens=sum(r.num_prefill_tokens for r in steps) / n)
+    return mix
+
+
+def engine_rate(llm: LLM, requests: list[Request], timed_runs: int = 3, name: str = "") -> dict:
     """A warm-up run (of at most the first 256 requests), then the median of the timed runs, each on fresh token
-    ids (no prefix-cache hits)."""
+    ids (no prefix-cache hits); the step mix of the last run."""
     timed_generate(llm, fresh(requests[:256], 1))
-    runs = []
+    runs, records = [], []
     for run in range(2, 2 + timed_runs):
+        records.clear()
+        llm.add_step_callback(records.append)
         wall, outs = timed_generate(llm, fresh(requests, run))
+        llm.step_callbacks.remove(records.append)
         runs.append(dict(wall_s=wall, generated_tokens=sum(len(o["token_ids"]) for o in outs)))
     rates = sorted(r["generated_tokens"] / r["wall_s"] for r in runs)
+    dump_steps(name, records)
     return dict(prompts=len(requests), generated_tokens=runs[0]["generated_tokens"], tok_per_s=rates[len(rates) // 2],
-                runs_tok_per_s=rates)
+                runs_tok_per_s=rates, step_mix=step_mix(records))
 
 
 def w6_with_latency(llm: LLM) -> dict:
@@ -152,11 +184,12 @@ def w6_with_latency(llm: LLM) -> dict:
     seqs = [llm.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
     short = {seq.seq_id for seq in seqs if seq.num_prompt_tokens <= 1024}
     last_seen: dict[int, float] = {}
-    gaps, tokens = [], 0
+    gaps, tokens, records = [], 0, []
     start = time.perf_counter()
     while not llm.is_finished():
         out = llm.step()
         now = time.perf_counter()
+        records.append(out.record)
         for seq_id, new in out.new_tokens.items():
             tokens += len(new)
             if seq_id in short and new:
@@ -164,10 +197,12 @@ def w6_with_latency(llm: LLM) -> dict:
                     gaps += [(now - last_seen[seq_id]) / len(new)] * len(new)
                 last_seen[seq_id] = now
     wall = time.perf_counter() - start
+    dump_steps("W6", records)
     gaps.sort()
     p50, p99 = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)]
     return dict(generated_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall, short_itl_p50_ms=1e3 * p50,
-                short_itl_p99_ms=1e3 * p99, p99_over_p50=p99 / p50)
+                short_itl_p99_ms=1e3 * p99, p99_over_p50=p99 / p50, step_mix=step_mix(records),
+                preempted=sum(r.num_preempted for r in records))
 
 
 class Results(dict):
@@ -230,10 +265,14 @@ def run_w5_job(path: str) -> dict:
     last_step = max(steps["timestamp"])
     parts = glob.glob(os.path.join(out, "results", "*.parquet"))
     tokens = sum(n or 0 for f in parts for n in pq.read_table(f, columns=["num_generated_tokens"]).column(0).to_pylist())
+    with open(os.path.join(out, "stats.json")) as f:
+        actors = json.load(f)["actors"]
+    records = [StepRow(*row) for row in zip(*(steps[k] for k in StepRow._fields))]
     return dict(rows=len(w5()), generated_tokens=tokens, wall_s=wall, tok_per_s_end_to_end=tokens / wall,
                 tok_per_s_steps=tokens / (last_step - first_step),
                 first_result_s=min(os.path.getmtime(f) for f in parts) - launched,
-                first_step_s=first_step - launched)
+                first_step_s=first_step - launched, actor_load_s=[a.get("load_time_s") for a in actors.values()],
+                step_mix=step_mix(records))
 
 
 def run_vllm(path: str, workloads: list[str]) -> dict:
@@ -255,7 +294,7 @@ def run_engine_workloads(path: str, wanted: list[str], res: Results, timed_runs:
                      cuda_graphs=len(llm.model_runner.graphs)))
     for key, name, requests in (("W1", "W1", w1), ("W5", "W5", w5), ("HF", "W1-HF-engine", w1_hf)):
         if key in wanted:
-            res.record(name, engine_rate(llm, requests(), timed_runs))
+            res.record(name, engine_rate(llm, requests(), timed_runs, name))
     if "LOG" in wanted:
         res.record("LOG", log_level_cost(llm))
     if "W2" in wanted:
@@ -324,7 +363,10 @@ def main() -> None:
     ap.add_argument("--workloads", default=DEFAULT_WORKLOADS)
     ap.add_argument("--baseline", choices=["vllm"], default=None, help="also run W1, W5, W6 through vLLM")
     ap.add_argument("--runs", type=int, default=3, help="timed runs of W1, W5 and W1-HF (the median is reported)")
+    ap.add_argument("--steps-dir", default=None, help="write each workload's step records (last run) here")
     args = ap.parse_args()
+    global STEPS_DIR
+    STEPS_DIR = args.steps_dir
     wanted = args.workloads.split(",")
     configure("WARNING")
     path = build_checkpoint(args.model_dir)
