@@ -9,12 +9,16 @@ Expected agreement in bf16/fp16: rotary, SiLU-and-mul and the residual sum are e
 roundings in the same order). RMSNorm may differ by a step or two of the output dtype (NORM_ULP): the
 kernel sums the squares in a different order than torch's mean, so the fp32 variance can differ in its
 last bits, and that moves the normalised value across a bf16 rounding boundary now and then. In fp32 the
-results are close, not equal (reduction order; numpy's vs torch's exp under the interpreter).
+results are close, not equal (reduction order; numpy's vs torch's exp under the interpreter). The attention
+prologue (q/k RMSNorm + rotary + KV store in one kernel) is bit for bit, in every dtype, the RMSNorm kernel,
+rotary and store it replaced: its norm tiles sum the squares in the RMSNorm kernel's order.
 
 The interpreter (Triton 3.9) truncates fp32 -> bf16 casts, where the GPU rounds to nearest even;
 the small tier patches that one conversion (``rne_bf16_casts``) so it checks the kernels' rounding
-sequence and not the interpreter's. Sampling tests fix every seed, so they are deterministic.
+sequence and not the interpreter's. Sampling tests fix every seed, so they are deterministic; the split sampler
+is checked against tokens recorded from the one-program-per-row kernel it replaced (GUMBEL_CASES).
 """
+import hashlib
 import types
 
 import pytest
@@ -22,7 +26,7 @@ import torch
 
 from tests.triton_tiers import (DEVICE, ON_GPU, gpu, in_fresh_interpreter, interpreter_active,
                                 needs_cuda, run_in_fresh_interpreter, small, triton)
-from engine.kernels import triton_fused, triton_logprobs  # noqa: I001 (after triton_tiers)
+from engine.kernels import reference, triton_fused, triton_kv, triton_logprobs  # noqa: I001 (after triton_tiers)
 from engine.layers import fusion, sampler
 from engine.layers.sampler import Sampler, SamplingBatch, token_logprobs
 
@@ -169,34 +173,132 @@ def test_add_rms_norm_fp32_residual(dtype):
 
 
 @small
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (10, 2, 80), (6, 2, 96), (8, 1, 256)])
-def test_rotary_real_head_layouts(num_heads, num_kv_heads, head_dim):
-    q, k, _ = qkv_views(4, num_heads, num_kv_heads, head_dim, torch.float32, seed=head_dim)
-    cos, sin = rope_cache(64, head_dim)
-    positions = torch.tensor([0, 5, 31, 63], device=DEVICE)
-    out_q, out_k = triton_fused.rotary(positions, q, k, cos, sin)
-    ref_q, ref_k = fusion.torch_rotary(positions, q, k, cos, sin)
-    check(out_q, ref_q)
-    check(out_k, ref_k)
-
-
-@small
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     x = randn(2, 3, 2 * 300, dtype=dtype, scale=4.0)  # leading dims are flattened; 300 is not a power of two
     check(triton_fused.silu_and_mul(x), fusion.torch_silu_and_mul(x))
 
 
+# Head layouts of real checkpoints: (query heads, KV heads, head_dim); head_dim 80 and 96 are not powers of two.
+HEAD_LAYOUTS = [(16, 8, 128), (9, 3, 64), (14, 2, 64), (10, 2, 80), (12, 4, 96), (8, 1, 256), (7, 7, 128)]
+EPS = 1e-6
+
+
+def prologue_inputs(tokens, num_heads, num_kv_heads, head_dim, dtype, qk_norm, block_size=16, seed=0,
+                    max_position=8192):
+    """What the decoder hands the prologue: q, k, v views of one QKV output, positions past 4096 (up to the last
+    one), a NaN-poisoned paged cache with padding rows (slot -1), and the q/k norm weights (or None)."""
+    q, k, v = qkv_views(tokens, num_heads, num_kv_heads, head_dim, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, max_position, (tokens,), generator=gen)
+    positions[:2] = torch.tensor([max_position - 1, 4097])
+    num_blocks = -(-tokens // block_size) + 2
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[1::7] = -1
+    cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    weights = None
+    if qk_norm:
+        weights = (randn(head_dim, dtype=dtype, scale=0.5, seed=seed + 1) + 1,
+                   randn(head_dim, dtype=dtype, scale=0.5, seed=seed + 2) + 1)
+    cos, sin = rope_cache(max_position, head_dim)
+    return dict(positions=positions.to(DEVICE), q=q, k=k, v=v, cos_cache=cos, sin_cache=sin, norm_weights=weights,
+                eps=EPS, k_cache=cache, v_cache=cache.clone(), slot_mapping=slots.to(DEVICE))
+
+
+def unfused_prologue(positions, q, k, v, cos_cache, sin_cache, norm_weights, eps, k_cache, v_cache, slot_mapping,
+                     store=reference.store_kvcache_ref):
+    """What the decoder ran before the fused kernel: the per-head RMSNorm kernel, rotary (``torch_rotary`` is
+    bit for bit the former rotary kernel) and the KV store; writes the caches, returns q and k."""
+    if norm_weights is not None:
+        q, k = triton_fused.rms_norm(q, norm_weights[0], eps), triton_fused.rms_norm(k, norm_weights[1], eps)
+    q, k = fusion.torch_rotary(positions, q, k, cos_cache, sin_cache)
+    store(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
+def check_prologue_matches_unfused(inputs: dict, store=reference.store_kvcache_ref):
+    ref = {**inputs, "k_cache": inputs["k_cache"].clone(), "v_cache": inputs["v_cache"].clone()}
+    q, k = triton_fused.qk_norm_rotary_store(**inputs)
+    ref_q, ref_k = unfused_prologue(**ref, store=store)
+    assert q.is_contiguous() and k.is_contiguous()
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+    for cache in ("k_cache", "v_cache"):  # padding rows' slots stay NaN
+        torch.testing.assert_close(inputs[cache], ref[cache], rtol=0, atol=0, equal_nan=True)
+
+
 @small
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_on_strided_views(dtype):
-    q, k, _ = qkv_views(6, 3, 2, 32, dtype, seed=3)  # 3 q heads: a masked head row
-    cos, sin = rope_cache(100, 32)
-    positions = torch.tensor([0, 1, 7, 50, 98, 99], device=DEVICE)
-    out_q, out_k = triton_fused.rotary(positions, q, k, cos, sin)
-    ref_q, ref_k = fusion.torch_rotary(positions, q, k, cos, sin)
-    check(out_q, ref_q)
-    check(out_k, ref_k)
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", HEAD_LAYOUTS)
+def test_prologue_matches_unfused(num_heads, num_kv_heads, head_dim, dtype, qk_norm, monkeypatch):
+    """q/k RMSNorm + rotary + KV store in one kernel: bit for bit the three-to-four kernels it replaces, and within
+    the norm's reduction-order steps of the PyTorch path (HF's rounding)."""
+    inputs = prologue_inputs(13, num_heads, num_kv_heads, head_dim, dtype, qk_norm, seed=head_dim + num_heads)
+    check_prologue_matches_unfused(inputs)
+    q, k = triton_fused.qk_norm_rotary_store(**{**inputs, "k_cache": torch.tensor([])})
+    monkeypatch.setenv("NANOVLLM_FUSED_KERNELS", "0")
+    torch_q, torch_k, kv_stored = fusion.qk_norm_rotary_store(**inputs)
+    assert not kv_stored
+    check(q, torch_q, max_ulp=NORM_ULP if qk_norm else 0)
+    check(k, torch_k, max_ulp=NORM_ULP if qk_norm else 0)
+
+
+@small
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_prologue_fp16_and_empty_batches(dtype):
+    check_prologue_matches_unfused(prologue_inputs(6, 3, 1, 32, dtype, qk_norm=True, block_size=4))
+    inputs = prologue_inputs(6, 3, 1, 32, dtype, qk_norm=True)
+    empty = {**inputs, "q": inputs["q"][:0], "k": inputs["k"][:0], "v": inputs["v"][:0],
+             "positions": inputs["positions"][:0], "slot_mapping": inputs["slot_mapping"][:0]}
+    q, k = triton_fused.qk_norm_rotary_store(**empty)
+    assert q.shape == (0, 3, 32) and k.shape == (0, 1, 32) and bool(inputs["k_cache"].isnan().all())
+
+
+def tiny_decoder_attention(patch: pytest.MonkeyPatch, fused: bool):
+    """A Qwen3 attention layer (q/k norms) with random weights and a NaN-poisoned cache; ``fused`` forces the
+    prologue's kernel path on CPU tensors, and then the attention layer must not store K/V itself."""
+    from transformers import Qwen3Config
+    from engine.layers import attention
+    from engine.models.decoder import DecoderAttention
+    config = Qwen3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=128, rms_norm_eps=EPS)
+    layer = DecoderAttention(config, qk_norm=True, qkv_bias=False).to(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    for param in layer.parameters():
+        param.data.copy_(torch.randn(param.shape, generator=gen) * 0.3 + (1.0 if param.dim() == 1 else 0.0))
+    layer.attn.k_cache = torch.full((4, 16, 2, 16), float("nan"), device=DEVICE)
+    layer.attn.v_cache = layer.attn.k_cache.clone()
+    patch.setattr(fusion, "use_triton_kernels", lambda x: fused)
+    if fused:
+        patch.setattr(attention, "_store", lambda backend: pytest.fail("K/V stored twice"))
+    return layer
+
+
+@small
+def test_decoder_attention_uses_the_fused_prologue(monkeypatch):
+    """The decoder layer on the kernel path (prefill with a cache, then without one as in warm-up) matches its
+    PyTorch path, and the attention layer leaves the store to the prologue (``kv_stored``)."""
+    from engine.context import reset_context, set_context
+    x = randn(12, 64)
+    positions = torch.tensor([*range(5), *range(7)], device=DEVICE)
+    set_context(is_prefill=True, cu_seqlens_q=torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE),
+                max_seqlen_q=7, max_seqlen_k=7, slot_mapping=torch.tensor([*range(5), *range(16, 23)], device=DEVICE),
+                context_lens=torch.tensor([5, 7], dtype=torch.int32, device=DEVICE),
+                block_tables=torch.tensor([[0], [1]], dtype=torch.int32, device=DEVICE))
+    try:
+        results = []
+        for fused in (False, True):
+            with monkeypatch.context() as patch:
+                layer = tiny_decoder_attention(patch, fused)
+                caches = layer.attn.k_cache, layer.attn.v_cache
+                with_cache = layer(positions, x)
+                layer.attn.k_cache = layer.attn.v_cache = torch.tensor([])
+                results.append((with_cache, layer(positions, x), *caches))
+    finally:
+        reset_context()
+    for out, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert int(results[1][2].isnan().sum()) == (64 - 12) * 2 * 16  # only the 12 tokens' slots written
 
 
 def sampling_batch(temperatures, seeds, positions) -> SamplingBatch:
@@ -272,6 +374,67 @@ def test_gumbel_unseeded_distribution():
     expected = probs.double() * len(draws)
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 13.8, (counts.tolist(), chi2)  # p = 0.001
+
+
+# (vocab, rows) -> (logits dtype, digest of the tokens that the one-program-per-row kernel before the split picked
+# for gumbel_case(rows, vocab, dtype) at step seed 12345, recorded under the interpreter). The CPU tier runs the
+# small ones; the GPU tier all (the kernel's log is libdevice's full-precision one: the same noise to the last bit
+# or so, and a winner with a margin that thin is a ~1e-6 event).
+GUMBEL_CASES = {(1000, 1): (torch.float32, "aa4f6273907e5d0f"), (1000, 3): (torch.float32, "774ce2afc8802779"),
+                (1000, 257): (torch.bfloat16, "046c8801acba12d5"), (49159, 1): (torch.bfloat16, "17c13cd64217f564"),
+                (49159, 3): (torch.float32, "970e3e11683f5bc0"), (49159, 257): (torch.float32, "3f6f0d7cdd7f8409"),
+                (151936, 1): (torch.float32, "4d2c3f991d2c7a13"), (151936, 3): (torch.bfloat16, "cf04b59efb9e063e"),
+                (151936, 257): (torch.bfloat16, "a81d5102c2d216fa")}
+
+
+def gumbel_case(rows: int, vocab: int, dtype: torch.dtype):
+    """Rows at temperatures 0.7 / 0 / 1.0 in turn, half of them seeded; from row 2 every fifth row ties three
+    columns at 1e20 (no noise moves them apart: token 3 must win); row 4 all -inf (token 0), row 5 half masked."""
+    gen = torch.Generator().manual_seed(rows * 7919 + vocab)
+    logits = torch.randn(rows, vocab, generator=gen) * 3.0
+    index = torch.arange(rows)
+    temperatures = torch.tensor([0.7, 0.0, 1.0])[index % 3]
+    seeds = torch.where(index % 4 < 2, torch.randint(0, 2 ** 40, (rows,), generator=gen), -1)
+    positions = torch.randint(0, 5000, (rows,), generator=gen)
+    logits[2::5, [vocab - 1, vocab // 2, 3]] = 1e20
+    if rows > 5:
+        logits[4] = float("-inf")
+        logits[5, vocab // 2:] = float("-inf")
+    return sampling_batch(temperatures.tolist(), seeds.tolist(), positions.tolist()), logits.to(dtype).to(DEVICE)
+
+
+def check_gumbel_case(vocab: int, rows: int, num_programs_list: list[int | None], monkeypatch):
+    dtype, digest = GUMBEL_CASES[vocab, rows]
+    batch, logits = gumbel_case(rows, vocab, dtype)
+    for num_programs in num_programs_list:
+        out = triton_fused.gumbel_argmax(logits, batch.temperatures, batch.seeds, batch.positions, 12345,
+                                         num_programs=num_programs)
+        assert hashlib.sha256(str(out.tolist()).encode()).hexdigest()[:16] == digest, num_programs
+    assert set(out[2::5].tolist()) <= {3} and (rows <= 5 or int(out[4]) == 0)
+    greedy, seeded = batch.temperatures == 0, (batch.temperatures > 0) & (batch.seeds >= 0)
+    assert torch.equal(out[greedy], logits[greedy].argmax(-1))
+    assert torch.equal(out[seeded], torch_sample(logits, batch, monkeypatch)[seeded])
+
+
+@small
+@pytest.mark.parametrize("vocab,rows,num_programs", [
+    (1000, 1, [None, 1]), (1000, 3, [None, 528]), (1000, 257, [None, 528]), (49159, 1, [None, 528]),
+    (49159, 3, [None, 1]), (151936, 1, [None, 528]), (151936, 3, [None, 1])])
+def test_gumbel_split_picks_the_tokens_of_the_kernel_it_replaced(vocab, rows, num_programs, monkeypatch):
+    """Whatever the split (None: the default for this device, 4 SMs' worth on the interpreter; 1: one program per
+    row; 528: an H200's worth, down to 128-lane slices): the tokens of the pre-split kernel, bit for bit."""
+    check_gumbel_case(vocab, rows, num_programs, monkeypatch)
+
+
+@small
+def test_gumbel_split_plan():
+    """Rows x splits comes near the wanted program count; narrower slices only when whole tiles are too few."""
+    plan = triton_fused._gumbel_plan
+    assert plan(1, 151936, 528) == (1024, 128, 304, 1, 304)    # batch 1 on an H200: 304 programs of 512 columns
+    assert plan(128, 151936, 528) == (1024, 1024, 38, 8, 5)   # 640 programs
+    assert plan(600, 151936, 528) == (1024, 1024, 38, 38, 1)  # one program per row, no second launch
+    assert plan(2, 1000, 528) == (256, 128, 2, 1, 2)
+    assert plan(1, 10, 528) == (4, 4, 1, 1, 1)
 
 
 def kernel_logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor, k: int):
@@ -375,7 +538,8 @@ def test_rotary_and_silu_gpu(dtype):
     q, k, _ = qkv_views(1000, 16, 8, 128, dtype)
     cos, sin = rope_cache(40960, 128)
     positions = torch.randint(0, 40960, (1000,), device="cuda")
-    out_q, out_k = triton_fused.rotary(positions, q, k, cos, sin)
+    no_cache = torch.tensor([], device="cuda")
+    out_q, out_k = triton_fused.qk_norm_rotary_store(positions, q, k, k, cos, sin, None, EPS, no_cache, no_cache, None)
     ref_q, ref_k = fusion.torch_rotary(positions, q, k, cos, sin)
     assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)  # fp32 too: no FMA contraction
     x = randn(1000, 2 * 3072, dtype=dtype, scale=4.0)
@@ -384,6 +548,28 @@ def test_rotary_and_silu_gpu(dtype):
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(out, ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [*HEAD_LAYOUTS, (32, 8, 128)])
+def test_prologue_gpu(num_heads, num_kv_heads, head_dim, qk_norm, block_size):
+    """bf16 at real sizes (1003 tokens, positions up to 40959): bit for bit the per-head RMSNorm kernel, rotary and
+    the Triton KV store it replaces. The norm tiles have _rms_norm_kernel's layout (the same rows per tile), so the
+    variance sums in the same order: an off-by-one-step q/k here means they compiled to different layouts."""
+    inputs = prologue_inputs(1003, num_heads, num_kv_heads, head_dim, torch.bfloat16, qk_norm, block_size=block_size,
+                             seed=head_dim, max_position=40960)
+    check_prologue_matches_unfused(inputs, store=triton_kv.store_kvcache)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("vocab,rows", list(GUMBEL_CASES))
+def test_gumbel_split_gpu(vocab, rows, monkeypatch):
+    """Every recorded case, split as on this GPU, one program per row, and in the narrowest slices."""
+    check_gumbel_case(vocab, rows, [None, 1, 1 << 16], monkeypatch)
 
 
 @gpu
@@ -446,32 +632,41 @@ def test_sampler_uses_kernel_on_cuda(monkeypatch):
 @gpu
 @needs_cuda
 def test_cuda_graph_capture():
-    """Capture the four element-wise ops once, replay after rewriting the inputs in place."""
+    """Capture the element-wise ops, the prologue (with its cache store) and the split sampler once; replay after
+    rewriting the inputs in place."""
     tokens, hidden = 64, 1024
     x, residual = randn(tokens, hidden, dtype=torch.bfloat16), randn(tokens, hidden, dtype=torch.bfloat16, seed=1)
     w = randn(hidden, dtype=torch.bfloat16, seed=2)
-    q, k, _ = qkv_views(tokens, 16, 8, 128, torch.bfloat16)
+    prologue = prologue_inputs(tokens, 16, 8, 128, torch.bfloat16, qk_norm=True, block_size=16, max_position=4096)
+    q, k, v = prologue["q"], prologue["k"], prologue["v"]
     gate_up = randn(tokens, 2 * 3072, dtype=torch.bfloat16)
-    cos, sin = rope_cache(4096, 128)
-    positions = torch.arange(tokens, device="cuda")
+    batch, logits = gumbel_case(3, 151936, torch.bfloat16)  # split over programs, then the winner kernel
 
     def step():
-        return (triton_fused.add_rms_norm(x, residual, w, 1e-6), triton_fused.rotary(positions, q, k, cos, sin),
-                triton_fused.rms_norm(q, w[:128], 1e-6), triton_fused.silu_and_mul(gate_up))
+        return (triton_fused.add_rms_norm(x, residual, w, 1e-6), triton_fused.qk_norm_rotary_store(**prologue),
+                triton_fused.rms_norm(q, w[:128], 1e-6), triton_fused.silu_and_mul(gate_up),
+                triton_fused.gumbel_argmax(logits, batch.temperatures, batch.seeds, batch.positions, 7))
 
     from benchmarks.kernels import capture_graph
     graph, outs = capture_graph(step)
     for _ in range(2):
-        for t in (x, residual, q, k, gate_up):
+        for t in (x, residual, q, k, v, gate_up, logits):
             t.copy_(torch.randn_like(t, dtype=torch.float32).to(t.dtype))
-        positions.copy_(torch.randint(0, 4096, (tokens,), device="cuda"))
+        prologue["positions"].copy_(torch.randint(0, 4096, (tokens,), device="cuda"))
+        prologue["slot_mapping"].copy_(prologue["slot_mapping"].roll(1))
+        ref_caches = {"k_cache": prologue["k_cache"].clone(), "v_cache": prologue["v_cache"].clone()}
         graph.replay()
         torch.cuda.synchronize()
-        ref = (fusion.torch_add_rms_norm(x, residual, w, 1e-6), fusion.torch_rotary(positions, q, k, cos, sin),
-               fusion.torch_rms_norm(q, w[:128], 1e-6), fusion.torch_silu_and_mul(gate_up))
+        ref = (fusion.torch_add_rms_norm(x, residual, w, 1e-6),
+               unfused_prologue(**{**prologue, **ref_caches}, store=triton_kv.store_kvcache),
+               fusion.torch_rms_norm(q, w[:128], 1e-6), fusion.torch_silu_and_mul(gate_up),
+               triton_fused.gumbel_argmax(logits, batch.temperatures, batch.seeds, batch.positions, 7))
         assert torch.equal(outs[0][1], ref[0][1]) and ulp_distance(outs[0][0], ref[0][0]) <= NORM_ULP
         assert torch.equal(outs[1][0], ref[1][0]) and torch.equal(outs[1][1], ref[1][1])
+        for cache in ref_caches:
+            torch.testing.assert_close(prologue[cache], ref_caches[cache], rtol=0, atol=0, equal_nan=True)
         assert ulp_distance(outs[2], ref[2]) <= NORM_ULP and torch.equal(outs[3], ref[3])
+        assert torch.equal(outs[4], ref[4])
 
 
 @gpu

@@ -1,10 +1,11 @@
-"""Triton kernels for the small per-token ops: RMSNorm (optionally after the residual add), rotary
-embedding, SiLU-and-mul, and the sampler's Gumbel-max step.
+"""Triton kernels for the small per-token ops: RMSNorm (optionally after the residual add), SiLU-and-mul, the
+attention prologue (per-head q/k RMSNorm when the model has it, rotary embedding and the KV-cache store, in one
+kernel), and the sampler's Gumbel-max step.
 
-Each op is one launch whose size depends only on tensor shapes (no host syncs), so all of them can
-be captured in CUDA graphs. On bf16/fp16 inputs they round exactly where HF transformers' eager code
-rounds (see the torch versions in ``engine/layers/fusion.py``), so greedy decoding can match HF token
-for token; only the order of the sum inside RMSNorm's mean differs.
+Each op is one launch (the sampler: two when it splits rows over several programs) whose size depends only on
+tensor shapes (no host syncs), so all of them can be captured in CUDA graphs. On bf16/fp16 inputs they round
+exactly where HF transformers' eager code rounds (see the torch versions in ``engine/layers/fusion.py``), so greedy
+decoding can match HF token for token; only the order of the sum inside RMSNorm's mean differs.
 
 Exactness on the GPU relies on three details. A product of two bf16/fp16 values is exact in fp32, so
 rounding it once gives torch's half-precision multiply. These kernels launch with
@@ -18,11 +19,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from engine.kernels.triton_attention import _num_sms
+from engine.kernels.triton_kv import cache_slot
+
 # The interpreter (CPU tests) cannot call libdevice; there numpy's exp stands in.
 _LIBDEVICE: tl.constexpr = tl.constexpr(not triton.knobs.runtime.interpret)
 _NORM_TILE = 2048       # elements per RMSNorm program: several short rows (per-head q/k norm) or one long
 _SILU_BLOCK = 1024
-_VOCAB_BLOCK = 1024     # lanes per sub-tile of the Gumbel-max loop (4 sub-tiles per Philox call)
+_VOCAB_TILE = 1024      # Gumbel-max: Philox lanes of a tile of 4 x 1024 columns (one call draws four per lane)
+_MIN_CHUNK_LANES = 128  # Gumbel-max: the narrowest slice of a tile one program races at a time
+_PROGRAMS_PER_SM = 4    # Gumbel-max: rows are split over programs until the batch has this many per SM
 _MAX_STEP_SEED = 1 << 31
 
 
@@ -58,11 +64,28 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_rows, inner, n_c
         x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + dst, x, mask=mask)
     h = x.to(tl.float32)
-    variance = tl.sum(h * h, axis=1) * inv_n  # torch's CUDA mean multiplies by 1/n too
-    h = (h * tl.rsqrt(variance + eps)[:, None]).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0)
-    out = w.to(tl.float32)[None, :] * h.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out = _weighted_rms(h, _inv_rms(h, inv_n, eps), w, x.dtype)
     tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _inv_rms(h, inv_n, eps):
+    """``rsqrt(mean(h ** 2) + eps)`` of each row of fp32 ``h`` ``[rows, cols]`` (padded columns hold zeros);
+    the mean multiplies the sum by ``1 / n``, as torch's CUDA mean does."""
+    return tl.rsqrt(tl.sum(h * h, axis=1) * inv_n + eps)
+
+
+@triton.jit
+def _weighted_rms(h, inv_rms, w, dtype: tl.constexpr):
+    """HF's ``weight * (h * inv_rms).to(dtype)`` in fp32: the normalised value is rounded to ``dtype`` first."""
+    return w * _round(h * inv_rms[:, None], dtype)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """Round an fp32 value to ``dtype`` and back (a no-op for fp32)."""
+    return x.to(dtype).to(tl.float32)
 
 
 def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -138,71 +161,136 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
-    """Round an fp32 value to ``dtype`` and back (a no-op for fp32)."""
-    return x.to(dtype).to(tl.float32)
+def _cos_sin(cos_ptr, sin_ptr, row, dt: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+    """The halves of one position's cos and sin rows ``[1, HALF_P2]``, rounded to ``dt`` (HF: ``cos.to(dtype)``)."""
+    d = tl.arange(0, HALF_P2)
+    mask = d < HALF
+    cos1 = _round(tl.load(cos_ptr + row + d, mask=mask, other=0.0), dt)[None, :]
+    cos2 = _round(tl.load(cos_ptr + row + HALF + d, mask=mask, other=0.0), dt)[None, :]
+    sin1 = _round(tl.load(sin_ptr + row + d, mask=mask, other=0.0), dt)[None, :]
+    sin2 = _round(tl.load(sin_ptr + row + HALF + d, mask=mask, other=0.0), dt)[None, :]
+    return cos1, sin1, cos2, sin2
 
 
 @triton.jit
-def _rotate_heads(src, dst, stride_head, cos1, sin1, cos2, sin2, heads,
-                  HALF: tl.constexpr, HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr):
-    """HF's ``q * cos + rotate_half(q) * sin`` for all heads of one token, rounding each step."""
+def _load_halves(src, stride_head, heads, HALF: tl.constexpr, HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr):
+    """The two halves ``[HEADS_P2, HALF_P2]`` of one token's heads (``[heads, 2 * HALF]``, heads ``stride_head``
+    apart), padded with zeros."""
     h = tl.arange(0, HEADS_P2)[:, None]
     d = tl.arange(0, HALF_P2)[None, :]
     mask = (h < heads) & (d < HALF)
-    x1 = tl.load(src + h * stride_head + d, mask=mask, other=0.0)
-    x2 = tl.load(src + h * stride_head + HALF + d, mask=mask, other=0.0)
-    dt = x1.dtype
-    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    out1 = _round(a1 * cos1, dt) + _round(-a2 * sin1, dt)
-    out2 = _round(a2 * cos2, dt) + _round(a1 * sin2, dt)
-    tl.store(dst + h * (2 * HALF) + d, out1.to(dt), mask=mask)
-    tl.store(dst + h * (2 * HALF) + HALF + d, out2.to(dt), mask=mask)
+    return (tl.load(src + h * stride_head + d, mask=mask, other=0.0),
+            tl.load(src + h * stride_head + HALF + d, mask=mask, other=0.0))
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-                   sq_token, sq_head, sk_token, sk_head, s_cache, num_q_heads, num_k_heads,
-                   HALF: tl.constexpr, Q_HEADS_P2: tl.constexpr, K_HEADS_P2: tl.constexpr,
-                   HALF_P2: tl.constexpr):
+def _store_halves(dst, stride_head, x1, x2, heads, HALF: tl.constexpr, HEADS_P2: tl.constexpr,
+                  HALF_P2: tl.constexpr):
+    """Write halves as :func:`_load_halves` reads them, cast to ``dst``'s dtype."""
+    h = tl.arange(0, HEADS_P2)[:, None]
+    d = tl.arange(0, HALF_P2)[None, :]
+    mask = (h < heads) & (d < HALF)
+    tl.store(dst + h * stride_head + d, x1.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + h * stride_head + HALF + d, x2.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_rotate(src, stride_head, w_ptr, heads, inv_n, eps, cos1, sin1, cos2, sin2, dt: tl.constexpr,
+                 HAS_NORM: tl.constexpr, HALF: tl.constexpr, HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr):
+    """One token's heads: the per-head RMSNorm if ``HAS_NORM`` (its output rounded to ``dt``), then HF's
+    ``x * cos + rotate_half(x) * sin``, rounding each product and the sum to ``dt``; returns the two halves."""
+    x1, x2 = _load_halves(src, stride_head, heads, HALF, HEADS_P2, HALF_P2)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:
+        # the mean of squares over whole rows, summed in the same order as _rms_norm_kernel
+        h = tl.arange(0, HEADS_P2)[:, None]
+        cols = tl.arange(0, 2 * HALF_P2)[None, :]
+        rows = tl.load(src + h * stride_head + cols, mask=(h < heads) & (cols < 2 * HALF), other=0.0)
+        inv_rms = _inv_rms(rows.to(tl.float32), inv_n, eps)
+        w1, w2 = _load_halves(w_ptr, 0, 1, HALF, 1, HALF_P2)  # the weight, as one head
+        a1 = _round(_weighted_rms(a1, inv_rms, w1.to(tl.float32), x1.dtype), dt)
+        a2 = _round(_weighted_rms(a2, inv_rms, w2.to(tl.float32), x1.dtype), dt)
+    out1 = _round(_round(a1 * cos1, dt) + _round(-a2 * sin1, dt), dt)
+    out2 = _round(_round(a2 * cos2, dt) + _round(a1 * sin2, dt), dt)
+    return out1, out2
+
+
+@triton.jit
+def _qk_norm_rotary_store_kernel(
+        pos_ptr, q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+        sq_token, sq_head, sk_token, sk_head, sv_token, sv_head, s_rope, num_q_heads, num_kv_heads, inv_n, eps,
+        slot_ptr, k_cache_ptr, v_cache_ptr, skc_block, skc_offset, skc_head, svc_block, svc_offset, svc_head,
+        HAS_NORM: tl.constexpr, STORE: tl.constexpr, HALF: tl.constexpr, Q_HEADS_P2: tl.constexpr,
+        KV_HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One token: q and k normed (``HAS_NORM``) and rotated into contiguous ``q_out`` / ``k_out``; with ``STORE``,
+    the rotated k and the untouched v also go to the paged caches at the token's slot (-1: none)."""
     token = tl.program_id(0).to(tl.int64)
-    row = tl.load(pos_ptr + token).to(tl.int64) * s_cache
-    d = tl.arange(0, HALF_P2)
-    d_mask = d < HALF
-    dt = q_ptr.dtype.element_ty
-    cos1 = _round(tl.load(cos_ptr + row + d, mask=d_mask, other=0.0), dt)[None, :]  # HF: cos.to(dtype)
-    cos2 = _round(tl.load(cos_ptr + row + HALF + d, mask=d_mask, other=0.0), dt)[None, :]
-    sin1 = _round(tl.load(sin_ptr + row + d, mask=d_mask, other=0.0), dt)[None, :]
-    sin2 = _round(tl.load(sin_ptr + row + HALF + d, mask=d_mask, other=0.0), dt)[None, :]
-    _rotate_heads(q_ptr + token * sq_token, q_out_ptr + token * num_q_heads * (2 * HALF), sq_head,
-                  cos1, sin1, cos2, sin2, num_q_heads, HALF, Q_HEADS_P2, HALF_P2)
-    _rotate_heads(k_ptr + token * sk_token, k_out_ptr + token * num_k_heads * (2 * HALF), sk_head,
-                  cos1, sin1, cos2, sin2, num_k_heads, HALF, K_HEADS_P2, HALF_P2)
+    dt = q_out_ptr.dtype.element_ty
+    rope_row = tl.load(pos_ptr + token).to(tl.int64) * s_rope
+    cos1, sin1, cos2, sin2 = _cos_sin(cos_ptr, sin_ptr, rope_row, dt, HALF, HALF_P2)
+    q1, q2 = _norm_rotate(q_ptr + token * sq_token, sq_head, q_w_ptr, num_q_heads, inv_n, eps,
+                          cos1, sin1, cos2, sin2, dt, HAS_NORM, HALF, Q_HEADS_P2, HALF_P2)
+    _store_halves(q_out_ptr + token * num_q_heads * (2 * HALF), 2 * HALF, q1, q2, num_q_heads,
+                  HALF, Q_HEADS_P2, HALF_P2)
+    k1, k2 = _norm_rotate(k_ptr + token * sk_token, sk_head, k_w_ptr, num_kv_heads, inv_n, eps,
+                          cos1, sin1, cos2, sin2, dt, HAS_NORM, HALF, KV_HEADS_P2, HALF_P2)
+    _store_halves(k_out_ptr + token * num_kv_heads * (2 * HALF), 2 * HALF, k1, k2, num_kv_heads,
+                  HALF, KV_HEADS_P2, HALF_P2)
+    if STORE:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:
+            k_dst = cache_slot(k_cache_ptr, slot, skc_block, skc_offset, BLOCK_SIZE)
+            _store_halves(k_dst, skc_head, k1, k2, num_kv_heads, HALF, KV_HEADS_P2, HALF_P2)
+            v1, v2 = _load_halves(v_ptr + token * sv_token, sv_head, num_kv_heads, HALF, KV_HEADS_P2, HALF_P2)
+            v_dst = cache_slot(v_cache_ptr, slot, svc_block, svc_offset, BLOCK_SIZE)
+            _store_halves(v_dst, svc_head, v1, v2, num_kv_heads, HALF, KV_HEADS_P2, HALF_P2)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
-           sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding of q, k ``[tokens, heads, head_dim]`` (strided views are fine).
+def _head_rows(heads: int, head_dim: int, norm: bool) -> int:
+    """Rows of the prologue's head tiles. With the norm, at least as many as ``_rms_norm_kernel`` normalises per
+    program: the same tile layout on the GPU, so the sum of squares adds up in the same order (the same bits)."""
+    rows = triton.next_power_of_2(heads)
+    return max(rows, _NORM_TILE // triton.next_power_of_2(head_dim)) if norm else rows
 
-    ``cos_cache``/``sin_cache`` are ``[max_position, head_dim]``; positions are not bounds-checked.
+
+def qk_norm_rotary_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                         norm_weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention prologue in one launch: per-head RMSNorm of q and k (``norm_weights = (q_weight, k_weight)``,
+    or None), rotate-half rotary, and, when ``k_cache`` is not empty, rotated k and v into the paged caches
+    ``[num_blocks, block_size, kv_heads, head_dim]`` at ``slot_mapping`` (slot -1: no write). Returns the rotated
+    ``(q, k)``, contiguous.
+
+    q ``[tokens, heads, head_dim]``, k and v ``[tokens, kv_heads, head_dim]`` may be strided views (the split of the
+    fused QKV output); ``cos_cache``/``sin_cache`` are ``[max_position, head_dim]``; positions are not bounds-checked.
     """
     tokens, num_q_heads, head_dim = q.shape
-    assert k.shape[0] == tokens and k.shape[2] == head_dim and k.dtype == q.dtype and head_dim % 2 == 0
+    num_kv_heads, norm, store = k.shape[1], norm_weights is not None, k_cache.numel() > 0
+    assert k.shape == v.shape == (tokens, num_kv_heads, head_dim) and k.dtype == q.dtype and head_dim % 2 == 0
     assert positions.shape == (tokens,) and cos_cache.stride() == sin_cache.stride()
     assert cos_cache.stride(-1) == 1 and cos_cache.shape[-1] == head_dim
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
-                                                                                    device=k.device)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q_w, k_w = norm_weights if norm else (q, k)  # without the norm: stand-ins, never read
+    assert not norm or (q_w.shape == k_w.shape == (head_dim,) and q_w.dtype == k_w.dtype and q_w.is_contiguous()
+                        and k_w.is_contiguous())
+    out_dtype = torch.promote_types(q.dtype, q_w.dtype) if norm else q.dtype  # as the RMSNorm's output
+    q_out, k_out = (torch.empty(x.shape, dtype=out_dtype, device=q.device) for x in (q, k))
     if tokens == 0:
         return q_out, k_out
-    half = head_dim // 2
-    _rotary_kernel[(tokens,)](positions, q, k, cos_cache, sin_cache, q_out, k_out,
-                              q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0),
-                              num_q_heads, k.shape[1], HALF=half,
-                              Q_HEADS_P2=triton.next_power_of_2(num_q_heads),
-                              K_HEADS_P2=triton.next_power_of_2(k.shape[1]),
-                              HALF_P2=triton.next_power_of_2(half), num_warps=4, enable_fp_fusion=False)
+    if store:
+        assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and slot_mapping.shape == (tokens,)
+        cache_args = (slot_mapping, k_cache, v_cache, *k_cache.stride()[:3], *v_cache.stride()[:3])
+    else:
+        cache_args = (positions, k_out, k_out, 0, 0, 0, 0, 0, 0)  # stand-ins, never read or written
+    _qk_norm_rotary_store_kernel[(tokens,)](
+        positions, q, k, v, q_w, k_w, cos_cache, sin_cache, q_out, k_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
+        num_q_heads, num_kv_heads, 1.0 / head_dim, eps, *cache_args, HAS_NORM=norm, STORE=store, HALF=head_dim // 2,
+        Q_HEADS_P2=_head_rows(num_q_heads, head_dim, norm), KV_HEADS_P2=_head_rows(num_kv_heads, head_dim, norm),
+        HALF_P2=triton.next_power_of_2(head_dim // 2), BLOCK_SIZE=k_cache.shape[1] if store else 1, num_warps=4,
+        enable_fp_fusion=False)
     return q_out, k_out
 
 
@@ -232,17 +320,34 @@ def _gumbel(u):
 
 @triton.jit
 def _race(row_ptr, cols, vocab, scale, noise, best, best_col):
-    """Per lane, keep the best ``logit / scale + noise`` seen; strict ``>`` keeps the lowest column."""
+    """Per lane, keep the best ``logit / scale + noise`` seen and its column; equal scores keep the lower column."""
     x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
     score = tl.math.div_rn(x, scale) + noise  # IEEE division, as torch's logits / T
-    better = score > best
+    better = (score > best) | ((score == best) & (cols < best_col))
     return tl.where(better, score, best), tl.where(better, cols, best_col)
 
 
-@triton.jit(do_not_specialize=["step_seed"])
-def _gumbel_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, stride_row, vocab, step_seed,
-                          BLOCK: tl.constexpr):
+@triton.jit
+def _best_lowest_column(best, best_col, vocab):
+    """The top score of ``best`` and the lowest column among the lanes that reach it."""
+    top = tl.max(best, axis=0)
+    return top, tl.min(tl.where(best == top, best_col, vocab), axis=0)
+
+
+@triton.jit(do_not_specialize=["num_chunks", "chunks_per_split", "step_seed"])
+def _gumbel_slice_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, score_ptr, col_ptr, stride_row, vocab,
+                         num_chunks, chunks_per_split, step_seed,
+                         TILE: tl.constexpr, LANES: tl.constexpr, SPLIT: tl.constexpr):
+    """Races one slice of one row: chunks ``[split * chunks_per_split, ...)`` of ``LANES`` lanes.
+
+    The vocabulary is cut in tiles of 4 x ``TILE`` columns; Philox counter ``t * TILE + lane`` draws the noise
+    of columns ``t * 4 * TILE + j * TILE + lane``, j = 0..3. Chunk ``c`` holds lanes ``(c % G) * LANES + [0,
+    LANES)`` of tile ``c // G`` (G = TILE / LANES), so its counters are ``c * LANES + [0, LANES)`` and every
+    column gets the same noise however the row is split. ``SPLIT``: write the slice's best score and column for
+    :func:`_gumbel_winner_kernel`, else the row's token.
+    """
     row = tl.program_id(0)
+    split = tl.program_id(1)
     temperature = tl.load(temp_ptr + row).to(tl.float32)
     seed = tl.load(seed_ptr + row).to(tl.int64)
     sampled = temperature > 0
@@ -252,47 +357,89 @@ def _gumbel_argmax_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, stri
     row_mix = seed.to(tl.uint64) * 0x9E3779B1 + position.to(tl.uint64) * 0x85EBCA77
     philox_key = (row.to(tl.uint64) << 32) | step_seed.to(tl.uint64)  # distinct stream per (row, step)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_col = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab, 4 * BLOCK):
-        c0 = start + lanes
-        c1, c2, c3 = c0 + BLOCK, c0 + 2 * BLOCK, c0 + 3 * BLOCK
+    lanes = tl.arange(0, LANES)
+    best = tl.full([LANES], float("-inf"), tl.float32)
+    best_col = tl.zeros([LANES], tl.int32)
+    first = split * chunks_per_split
+    for chunk in range(first, tl.minimum(first + chunks_per_split, num_chunks)):
+        c0 = (chunk // (TILE // LANES)) * (4 * TILE) + (chunk % (TILE // LANES)) * LANES + lanes
+        c1, c2, c3 = c0 + TILE, c0 + 2 * TILE, c0 + 3 * TILE
         if hashed:
             g0, g1 = _gumbel(_hashed_uniform(row_mix, c0)), _gumbel(_hashed_uniform(row_mix, c1))
             g2, g3 = _gumbel(_hashed_uniform(row_mix, c2)), _gumbel(_hashed_uniform(row_mix, c3))
         elif sampled:
-            r0, r1, r2, r3 = tl.randint4x(philox_key, start // 4 + lanes)  # one Philox call, four tiles
+            r0, r1, r2, r3 = tl.randint4x(philox_key, chunk * LANES + lanes)  # one Philox call, four columns
             g0, g1 = _gumbel(_uniform_24(r0 >> 8)), _gumbel(_uniform_24(r1 >> 8))
             g2, g3 = _gumbel(_uniform_24(r2 >> 8)), _gumbel(_uniform_24(r3 >> 8))
         else:  # greedy: x / 1 + 0 == x
-            g0 = tl.zeros([BLOCK], tl.float32)
+            g0 = tl.zeros([LANES], tl.float32)
             g1, g2, g3 = g0, g0, g0
         best, best_col = _race(row_ptr, c0, vocab, scale, g0, best, best_col)
         best, best_col = _race(row_ptr, c1, vocab, scale, g1, best, best_col)
         best, best_col = _race(row_ptr, c2, vocab, scale, g2, best, best_col)
         best, best_col = _race(row_ptr, c3, vocab, scale, g3, best, best_col)
-    top = tl.max(best, axis=0)
-    winner = tl.min(tl.where(best == top, best_col, vocab), axis=0)  # ties across lanes: lowest column
+    top, winner = _best_lowest_column(best, best_col, vocab)
+    if SPLIT:
+        partial = row.to(tl.int64) * tl.num_programs(1) + split
+        tl.store(score_ptr + partial, top)
+        tl.store(col_ptr + partial, winner)
+    else:
+        tl.store(out_ptr + row, winner.to(tl.int64))
+
+
+@triton.jit
+def _gumbel_winner_kernel(score_ptr, col_ptr, out_ptr, splits, vocab, SPLITS_P2: tl.constexpr):
+    """One row's token from its slices' bests: the top score, ties to the lowest column."""
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, SPLITS_P2)
+    score = tl.load(score_ptr + row * splits + i, mask=i < splits, other=float("-inf"))
+    col = tl.load(col_ptr + row * splits + i, mask=i < splits, other=vocab)
+    _, winner = _best_lowest_column(score, col, vocab)
     tl.store(out_ptr + row, winner.to(tl.int64))
 
 
+def _gumbel_plan(rows: int, vocab: int, num_programs: int) -> tuple[int, int, int, int, int]:
+    """``(tile, lanes, chunks, chunks_per_split, splits)``: each row's chunks split so that ``rows * splits`` comes
+    near ``num_programs``, chunks narrowed (down to ``_MIN_CHUNK_LANES``) when rows x tiles falls short of it.
+    ``tile`` depends on the vocabulary only: it fixes which Philox counter draws each column's noise."""
+    tile = min(_VOCAB_TILE, triton.next_power_of_2(triton.cdiv(vocab, 4)))
+    tiles = triton.cdiv(vocab, 4 * tile)
+    lanes = tile
+    while lanes > _MIN_CHUNK_LANES and rows * tiles * (tile // lanes) < num_programs:
+        lanes //= 2
+    chunks = tiles * (tile // lanes)
+    chunks_per_split = triton.cdiv(chunks, min(chunks, triton.cdiv(num_programs, rows)))
+    return tile, lanes, chunks, chunks_per_split, triton.cdiv(chunks, chunks_per_split)
+
+
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
-                  positions: torch.Tensor, step_seed: int) -> torch.Tensor:
+                  positions: torch.Tensor, step_seed: int, num_programs: int | None = None) -> torch.Tensor:
     """Per row of ``logits`` ``[B, V]``: ``argmax(logits / T - log(-log(U)))``, or the plain argmax if T == 0.
 
     U is made in the kernel: ``hashed_uniform(seed, position)`` for rows with ``seed >= 0`` (bit for
     bit), else Philox keyed by (row, ``step_seed``), so pass a new ``step_seed`` every call. Ties go
     to the lowest token id. ``step_seed`` is a launch argument: a CUDA graph would freeze it.
+
+    Each row's vocabulary is split over several programs so that the batch fills the GPU (``num_programs``,
+    default ``_PROGRAMS_PER_SM`` per SM); a second launch then picks each row's winner. The result does not
+    depend on the split.
     """
     rows, vocab = logits.shape
     assert temperatures.shape == seeds.shape == positions.shape == (rows,)
-    assert 0 <= step_seed < _MAX_STEP_SEED and vocab < 2 ** 31 - 4 * _VOCAB_BLOCK
+    assert 0 <= step_seed < _MAX_STEP_SEED and vocab < 2 ** 31 - 4 * _VOCAB_TILE
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    block = min(_VOCAB_BLOCK, triton.next_power_of_2(triton.cdiv(vocab, 4)))
-    _gumbel_argmax_kernel[(rows,)](logits, temperatures, seeds, positions, out, logits.stride(0), vocab,
-                                   step_seed, BLOCK=block, num_warps=8)
+    num_programs = num_programs or _PROGRAMS_PER_SM * _num_sms(logits.device)
+    tile, lanes, chunks, chunks_per_split, splits = _gumbel_plan(rows, vocab, num_programs)
+    score = torch.empty((rows, splits), dtype=torch.float32, device=logits.device) if splits > 1 else out
+    col = torch.empty((rows, splits), dtype=torch.int32, device=logits.device) if splits > 1 else out
+    _gumbel_slice_kernel[(rows, splits)](logits, temperatures, seeds, positions, out, score, col, logits.stride(0),
+                                         vocab, chunks, chunks_per_split, step_seed, TILE=tile, LANES=lanes,
+                                         SPLIT=splits > 1, num_warps=min(8, max(2, lanes // 128)))
+    if splits > 1:
+        most_splits = triton.cdiv(vocab, 4 * tile) * max(1, tile // _MIN_CHUNK_LANES)  # per vocabulary: one binary
+        _gumbel_winner_kernel[(rows,)](score, col, out, splits, vocab,
+                                       SPLITS_P2=triton.next_power_of_2(most_splits), num_warps=4)
     return out

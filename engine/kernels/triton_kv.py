@@ -2,11 +2,19 @@
 
 Same semantics as :func:`engine.kernels.reference.store_kvcache_ref`: token ``i`` goes to slot
 ``slot_mapping[i] = block_id * block_size + offset`` of ``[num_blocks, block_size, kv_heads, dim]``
-caches, and slots of -1 are skipped. One program copies one token (all KV heads, K and V).
+caches, and slots of -1 are skipped. One program copies one token (all KV heads, K and V). The decoder's
+attention layers store through ``triton_fused.qk_norm_rotary_store`` on CUDA instead, which shares
+:func:`cache_slot`.
 """
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def cache_slot(cache_ptr, slot, stride_block, stride_offset, BLOCK_SIZE: tl.constexpr):
+    """Where slot ``block_id * BLOCK_SIZE + offset`` starts in a ``[num_blocks, BLOCK_SIZE, heads, dim]`` cache."""
+    return cache_ptr + (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_offset
 
 
 @triton.jit
@@ -20,16 +28,14 @@ def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
         return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
     heads = tl.arange(0, HEADS_P2)[:, None]
     dims = tl.arange(0, DIM_P2)[None, :]
     mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
     src = token.to(tl.int64)
     key = tl.load(key_ptr + src * stride_kn + heads * stride_kh + dims, mask=mask)
     value = tl.load(value_ptr + src * stride_vn + heads * stride_vh + dims, mask=mask)
-    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kct + heads * stride_kch + dims
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vct + heads * stride_vch + dims
+    k_dst = cache_slot(k_cache_ptr, slot, stride_kcb, stride_kct, BLOCK_SIZE) + heads * stride_kch + dims
+    v_dst = cache_slot(v_cache_ptr, slot, stride_vcb, stride_vct, BLOCK_SIZE) + heads * stride_vch + dims
     tl.store(k_dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 

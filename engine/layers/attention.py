@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: store this step's K/V, then attend with the selected backend.
+"""Attention over the paged KV cache: store this step's K/V (unless the caller did), then attend with the selected
+backend.
 
 Backends: "torch" (exact, any device: the CPU path), "triton" (the in-tree kernels: the CUDA default),
 "flash-attn" (optional, when importable). The runner picks one per engine with :func:`select_backend`.
@@ -46,14 +47,18 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache = self.v_cache = torch.tensor([])  # views into the runner's cache, set after allocation
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q ``[tokens, heads, dim]``, k/v ``[tokens, kv_heads, dim]`` → ``[tokens, heads, dim]``."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False) -> torch.Tensor:
+        """q ``[tokens, heads, dim]``, k/v ``[tokens, kv_heads, dim]`` → ``[tokens, heads, dim]``.
+
+        ``kv_stored``: the caller already wrote k and v into the cache (the decoder's fused prologue on CUDA).
+        k and v are still read where a prefill attends to this step's keys only (no cache yet, or no cached prefix).
+        """
         ctx = get_context()
         debug = logger.isEnabledFor(logging.DEBUG)
         if debug:
             logger.debug("Attention forward: is_prefill=%s, q=%s, k=%s, v=%s", ctx.is_prefill,
                          list(q.shape), list(k.shape), list(v.shape))
-        if self.k_cache.numel():
+        if self.k_cache.numel() and not kv_stored:
             if debug:
                 logger.debug("Storing KV cache: N=%d, num_heads=%d, head_dim=%d, num_slots=%d",
                              k.shape[0], self.num_kv_heads, self.head_dim, ctx.slot_mapping.numel())

@@ -1,5 +1,5 @@
-"""The small per-token ops (RMSNorm, residual-add + RMSNorm, rotary, SiLU-and-mul): one Triton kernel
-each on CUDA, plain PyTorch elsewhere.
+"""The small per-token ops (RMSNorm, residual-add + RMSNorm, SiLU-and-mul, and the attention prologue: per-head
+q/k RMSNorm + rotary + KV-cache store): one Triton kernel each on CUDA, plain PyTorch elsewhere.
 
 Eagerly, each op is several tiny kernels (~60 per decoder layer), which matters most for small decode
 batches where launch count, not bytes, sets the step time. The hand-written Triton kernels
@@ -14,7 +14,10 @@ can match HF token for token (in fp32 all the casts are no-ops):
   ``engine/models/decoder.py``), then RMSNorm of ``s`` returned in ``x``'s dtype; ``s`` is the new residual;
 * SiLU-and-mul: ``silu(gate)`` rounded, times ``up``, rounded;
 * rotary: ``cos, sin`` cast to the input dtype; ``q * cos`` and ``rotate_half(q) * sin`` each rounded,
-  then their sum.
+  then their sum; after the q/k RMSNorm (Qwen3) its input is the norm's rounded output.
+
+The prologue's kernel also writes K and V into the paged KV cache, which the PyTorch version leaves to the
+attention layer (see :func:`qk_norm_rotary_store`).
 
 ``NANOVLLM_FUSED_KERNELS=0`` makes CUDA tensors take the PyTorch versions too (for debugging; read at
 each call). The sampler's Gumbel-max kernel follows the same switch.
@@ -56,12 +59,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return torch_silu_and_mul(x)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
-           sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding of q, k ``[tokens, heads, head_dim]``; caches ``[max_position, head_dim]``."""
+def qk_norm_rotary_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                         norm_weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The attention prologue: per-head RMSNorm of q and k with ``norm_weights = (q_weight, k_weight)`` (Qwen3; None:
+    no norm), then rotate-half rotary (caches ``[max_position, head_dim]``), on q ``[tokens, heads, head_dim]`` and
+    k, v ``[tokens, kv_heads, head_dim]``. Returns ``(q, k, kv_stored)``.
+
+    On CUDA one kernel also writes k and v into the paged caches at ``slot_mapping`` (-1: no write; nothing while
+    the caches are empty) and says so with ``kv_stored=True``. Elsewhere the PyTorch ops leave the store to the
+    attention layer (``kv_stored=False``).
+    """
     if use_triton_kernels(q):
-        return _kernels().rotary(positions, q, k, cos_cache, sin_cache)
-    return torch_rotary(positions, q, k, cos_cache, sin_cache)
+        q, k = _kernels().qk_norm_rotary_store(positions, q, k, v, cos_cache, sin_cache, norm_weights, eps,
+                                               k_cache, v_cache, slot_mapping)
+        return q, k, True
+    if norm_weights is not None:
+        q, k = torch_rms_norm(q, norm_weights[0], eps), torch_rms_norm(k, norm_weights[1], eps)
+    q, k = torch_rotary(positions, q, k, cos_cache, sin_cache)
+    return q, k, False
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

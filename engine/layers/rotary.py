@@ -1,10 +1,9 @@
-"""Rotary position embedding (rotate-half form), with Llama 3 frequency scaling."""
+"""Rotary position embedding (rotate-half form), with Llama 3 frequency scaling: the cos/sin caches. They are applied
+by ``engine.layers.fusion.qk_norm_rotary_store`` (with the q/k norms and the KV-cache store)."""
 import math
 
 import torch
 from torch import nn
-
-from engine.layers.fusion import rotary
 
 
 def inverse_frequencies(head_dim: int, base: float, rope_scaling: dict | None) -> torch.Tensor:
@@ -31,6 +30,8 @@ def _llama3_scaling(inv_freq: torch.Tensor, cfg: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """``cos`` and ``sin`` ``[max_position, head_dim]`` in fp32 (any Llama 3 scaling folded into the frequencies)."""
+
     def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, base, rope_scaling)
@@ -38,7 +39,3 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q, k: ``[tokens, heads, head_dim]``; rounded step by step as HF's ``apply_rotary_pos_emb``."""
-        return rotary(positions, q, k, self.cos, self.sin)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine.context import get_context
 from engine.distributed import tp_size
 from engine.layers.attention import Attention
-from engine.layers.fusion import silu_and_mul
+from engine.layers.fusion import qk_norm_rotary_store, silu_and_mul
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
@@ -53,8 +54,10 @@ class DecoderAttention(nn.Module):
         theta, scaling = rope_settings(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+        # q/k norms (Qwen3): their weights, applied by the prologue in forward
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rms_norm_eps = config.rms_norm_eps
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -62,10 +65,11 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v)
+        norm_weights = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
+        q, k, kv_stored = qk_norm_rotary_store(positions, q, k, v, self.rotary.cos, self.rotary.sin, norm_weights,
+                                               self.rms_norm_eps, self.attn.k_cache, self.attn.v_cache,
+                                               get_context().slot_mapping)
+        out = self.attn(q, k, v, kv_stored=kv_stored)
         return self.o_proj(out.flatten(1, -1))
 
 
