@@ -1,5 +1,13 @@
 """The user-facing engine: prompts in, completions out. Tokenises and validates requests, drives the
-scheduler and model runner one step at a time, applies stop strings, and reports timings and step metrics."""
+scheduler and model runner one step at a time, applies stop strings, and reports timings and step metrics.
+
+Async scheduling: each step launches the next one before reading its own tokens; the next step's forward pass
+reads them on the device. Sampling a row with a grammar or a token penalty needs the previous token on the host
+(to advance the grammar matcher and fill the mask, or to count the tokens), so a step with such rows is launched
+ahead in two parts (deferred sampling): its forward pass at once, its sampling once the current step's tokens
+are read and postprocessed. The forward pass thus runs on the device during that host work, and the step after
+it is launched after the sampling was queued, so its pending inputs read the right tokens (one stream, launch
+order)."""
 import logging
 import time
 from collections.abc import Callable
@@ -13,7 +21,7 @@ from engine.config import Config
 from engine.loader import resolve_model_path
 from engine.logger import get_logger, memory_summary
 from engine.metrics import StepRecord
-from engine.model_runner import ModelRunner, SampledTokens
+from engine.model_runner import ModelRunner, SampledTokens, StepLogits
 from engine.outputs import SchedulerOutput, StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -29,9 +37,11 @@ STOP_REASONS = {"eos": "stop", "stop": "stop", "max_tokens": "length", "max_mode
 
 @dataclass
 class LaunchedStep:
-    """A step whose forward and sampling are queued on the device; its tokens are read when it completes."""
+    """A step queued on the device; its tokens are read when it completes. ``tokens`` is None while its sampling
+    waits for the step before it to be postprocessed (deferred sampling: only ``logits``, its forward, is queued)."""
     batch: SchedulerOutput
-    tokens: SampledTokens  # one per sampling row of the batch
+    tokens: SampledTokens | None  # one per sampling row of the batch
+    logits: StepLogits | None = None
 
 
 class LLMEngine:
@@ -51,7 +61,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, eos_token_ids)
         self.model_runner.eos_token_ids = sorted(eos_token_ids)
         self.grammars = GrammarQueue(self.tokenizer, self.config.hf_config.vocab_size, sorted(eos_token_ids))
-        self.sync_seq_ids: set[int] = set()  # unfinished requests whose next step needs their tokens on the host
+        # Unfinished requests (a grammar or a token penalty) whose sampling needs their previous token on the host.
+        self.host_token_seq_ids: set[int] = set()
         self.logprob_staging = LogprobStaging()  # the latest steps' generated-token logprobs (engine/sequence.py)
         self.step_callbacks: list[Callable[[StepRecord], None]] = []
         # Async scheduling feeds sampled tokens to the next step on the device (single-rank runner only).
@@ -126,7 +137,7 @@ class LLMEngine:
         """Queue a sequence; one with an output constraint waits (outside the scheduler) for its grammar."""
         seq = Sequence(token_ids, params, self.config.kvcache_block_size, index)
         if params.has_penalties or params.structured:
-            self.sync_seq_ids.add(seq.seq_id)
+            self.host_token_seq_ids.add(seq.seq_id)
         if params.structured:
             self.grammars.add(seq)
         else:
@@ -172,25 +183,26 @@ class LLMEngine:
 
         With async scheduling, the next batch is scheduled and launched before this one's tokens are read (they
         reach it on the device), so the host work of one step (scheduling, input preparation, postprocessing)
-        overlaps the device work of the other instead of leaving the GPU idle.
+        overlaps the device work of the other instead of leaving the GPU idle. When the next batch has rows whose
+        sampling needs this step's tokens on the host, its sampling is queued only after they are postprocessed.
         """
         start = time.perf_counter()
         self._admit_compiled()
         current = self.in_flight or self._launch(self._schedule())
-        # Steps of requests whose next inputs need their sampled tokens on the host run synchronously.
-        self.in_flight = self._launch_ahead() if self.async_scheduling and not self.sync_seq_ids else None
+        self.in_flight = self._launch_ahead() if self.async_scheduling else None
         token_ids = current.tokens.tolist()
         seqs = current.batch.sampling_seqs
         new_tokens = {s.seq_id: [t] for s, t in zip(seqs, token_ids) if not s.is_finished}
         self._record_logprobs(current.tokens, seqs, token_ids)
         finished = self.scheduler.postprocess(seqs, token_ids)
-        if self.sync_seq_ids:  # (only requests with a grammar or a token penalty are in it)
+        if self.host_token_seq_ids:  # (only requests with a grammar or a token penalty are in it)
             finished += self._advance_grammars([s for s in seqs if s.seq_id in new_tokens])
         finished += self._apply_stop_strings(seqs)
         now = time.perf_counter()
         for seq in finished:
             seq.finish_time = now
-            self.sync_seq_ids.discard(seq.seq_id)
+            self.host_token_seq_ids.discard(seq.seq_id)
+        self._sample_deferred()
         elapsed = now - start
         self.stats["steps"] += 1
         self.stats[f"{current.batch.phase}_time_s"] += elapsed
@@ -208,7 +220,7 @@ class LLMEngine:
             for seq in self.grammars.ready(wait):
                 self.scheduler.add(seq)
         except GrammarError as e:
-            self.sync_seq_ids.discard(e.seq.seq_id)
+            self.host_token_seq_ids.discard(e.seq.seq_id)
             raise ValueError(f"request {e.seq.index} (seq {e.seq.seq_id}): {e}") from None
 
     def _record_logprobs(self, step: SampledTokens, seqs: list[Sequence], token_ids: list[int]) -> None:
@@ -254,9 +266,27 @@ class LLMEngine:
 
     def _launch_ahead(self) -> LaunchedStep | None:
         """Launch the step after the one in flight now, or None when nothing can run before its tokens are read
-        (e.g. every running sequence ends with its pending token)."""
+        (e.g. every running sequence ends with its pending token). When some of its rows need the in-flight
+        tokens on the host to be sampled, only its forward pass is queued (:meth:`_sample_deferred`)."""
         batch = self.scheduler.schedule()
-        return self._launch(batch) if batch.num_rows else None
+        if not batch.num_rows:
+            return None
+        if self._needs_host_tokens(batch):
+            return LaunchedStep(batch, None, self.model_runner.forward(batch))
+        return self._launch(batch)
+
+    def _needs_host_tokens(self, batch: SchedulerOutput) -> bool:
+        """Whether a row of ``batch`` samples under a grammar or a token penalty (free when no request has one)."""
+        ids = self.host_token_seq_ids
+        return bool(ids) and any(seq.seq_id in ids for seq in batch.sampling_seqs)
+
+    def _sample_deferred(self) -> None:
+        """Queue the sampling of the step in flight if it was launched without it; called once the step before
+        it is postprocessed, so its grammar matchers have advanced and its sequences hold every token. (Its rows
+        of sequences that finished meanwhile sample a token that is dropped, as any token past a late stop.)"""
+        step = self.in_flight
+        if step is not None and step.tokens is None:
+            step.tokens, step.logits = self.model_runner.sample(step.logits), None
 
     def _record(self, batch: SchedulerOutput, num_finished: int, elapsed: float) -> StepRecord:
         bm, num_tokens = self.scheduler.block_manager, batch.total_num_scheduled_tokens

@@ -8,8 +8,11 @@ that ask for them:
 - ``presence_penalty`` / ``frequency_penalty`` (over output tokens): ``logit -= presence * (count > 0) +
   frequency * count``.
 
-They are applied in that order (vLLM's: bias and min_tokens, then the penalties), after the grammar mask and
-before temperature, top-k, top-p and min-p.
+They are applied in that order (vLLM's: bias and min_tokens, then the penalties), before the grammar mask,
+temperature, top-k, top-p and min-p. The token penalties need every token generated so far on the host: under
+async scheduling the engine queues the sampling of a step with such rows only after postprocessing the step
+before it (deferred sampling, engine/llm_engine.py). ``min_tokens`` needs only their count, ``logit_bias``
+nothing.
 """
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,10 +50,11 @@ def needs_processing(params: SamplingParams) -> bool:
 
 
 def build_penalty_batch(rows: list[ProcessorRow], stop_ids: Iterable[int], vocab_size: int,
-                        device: torch.device) -> PenaltyBatch:
+                        device: torch.device | str) -> PenaltyBatch:
     """``stop_ids``: the EOS ids that ``min_tokens`` holds back (besides each request's stop_token_ids)."""
     stop_ids = list(stop_ids)
-    upload = lambda a, dtype: torch.as_tensor(np.asarray(a), dtype=dtype).to(device, non_blocking=True)
+    device = torch.device(device)
+    upload = lambda a, dtype: _upload(torch.as_tensor(np.asarray(a), dtype=dtype), device)
     bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items() if t < vocab_size]
     banned = [(i, t) for i, r in enumerate(rows) if r.num_generated < r.params.min_tokens
               for t in (r.params.stop_token_ids if r.params.ignore_eos else stop_ids + r.params.stop_token_ids)
@@ -64,6 +68,14 @@ def build_penalty_batch(rows: list[ProcessorRow], stop_ids: Iterable[int], vocab
         penalties=tuple(upload(np.array(factors, dtype=np.float32).T, torch.float32)) if penalized else None,
         prompt_ids=upload(_pad([r.prompt_ids for r in rows], vocab_size), torch.int64) if penalized else None,
         output_ids=upload(_pad([r.output_ids for r in rows], vocab_size), torch.int64) if penalized else None)
+
+
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy to the device without waiting: from pinned memory on CUDA (a pageable copy may wait for the stream,
+    i.e. for the forward pass that a deferred sampling is queued behind)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _columns(items: list[tuple], dtypes: tuple[torch.dtype, ...], upload) -> tuple[torch.Tensor, ...] | None:

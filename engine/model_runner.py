@@ -1,7 +1,13 @@
 """Owns the model on one device (one TP rank): weights, the paged KV cache, CUDA graphs, input preparation,
 the forward pass and sampling. Each step runs one :class:`SchedulerOutput`: a decode-only batch replays a CUDA
 graph; any other (prompt chunks, alone or with decode rows) runs eagerly, its decode rows through the decode
-attention kernel and its prompt chunks through the paged prefill attention."""
+attention kernel and its prompt chunks through the paged prefill attention.
+
+A step is queued in two parts, neither waiting for the device: :meth:`ModelRunner.forward` (inputs, forward
+pass, logits) and :meth:`ModelRunner.sample` (sampling settings, penalty tensors, grammar bitmask, sampling).
+:meth:`ModelRunner.launch` queues both back to back. The engine queues them apart for a step whose sampling
+needs the step before it postprocessed on the host (deferred sampling, engine/llm_engine.py): that step's
+forward reads its pending input tokens on the device, so only its sampling has to wait."""
 import logging
 from dataclasses import dataclass, field, replace
 from itertools import chain
@@ -37,6 +43,15 @@ def shared_prefix_blocks(tables: np.ndarray, lengths: np.ndarray) -> int:
         return 0
     same = (tables[:, :cap] == tables[0, :cap]).all(axis=0)
     return cap if same.all() else int(same.argmin())
+
+
+@dataclass
+class StepLogits:
+    """A step whose forward pass is queued on the device but not its sampling: the logits of its sampling rows
+    (None when no row samples; rank 0 samples them) and its prompt logprobs (rank 0)."""
+    batch: SchedulerOutput
+    logits: torch.Tensor | None
+    prompt_logprobs: list[tuple[Sequence, int, TokenLogprobs]]
 
 
 @dataclass
@@ -273,16 +288,26 @@ class ModelRunner:
             return sampling
         vocab_size = self.config.hf_config.vocab_size
         penalties = self._penalty_batch([(r, seqs[r]) for r in processed], vocab_size) if processed else None
-        bitmask = None
-        if constrained:
-            if self._bitmask is None:
-                from engine.structured import TokenBitmask
-                self._bitmask = TokenBitmask(vocab_size, self.device)
-            bitmask = self._bitmask.fill([(r, seqs[r].grammar) for r in constrained], len(seqs))
+        bitmask = self._grammar_bitmask(seqs, constrained, vocab_size) if constrained else None
         return replace(sampling, penalties=penalties, bitmask=bitmask)
 
+    def _grammar_bitmask(self, seqs: list[Sequence], constrained: list[int], vocab_size: int
+                         ) -> tuple[torch.Tensor, list[int] | torch.Tensor] | None:
+        """The token bitmask of the constrained rows whose sequence still runs. A row of a sequence that finished
+        on its previous token (found one step late under async scheduling: EOS, the end of its grammar, a token
+        outside it, a stop string) stays unmasked: its token is dropped, and a terminated matcher cannot fill a
+        mask (xgrammar raises)."""
+        live = [(r, seqs[r].grammar) for r in constrained if not seqs[r].is_finished]
+        if not live:
+            return None
+        if self._bitmask is None:
+            from engine.structured import TokenBitmask
+            self._bitmask = TokenBitmask(vocab_size, self.device)
+        return self._bitmask.fill(live, len(seqs))
+
     def _penalty_batch(self, rows: list[tuple[int, Sequence]], vocab_size: int) -> PenaltyBatch:
-        """(Sequences with token penalties run synchronously, so their tokens are all known here.)"""
+        """(Every token of a row with a token penalty is known here: such a step is sampled only after the step
+        before it was postprocessed, see LLMEngine's deferred sampling.)"""
         return build_penalty_batch([ProcessorRow(r, s.params, s.token_ids[:s.num_prompt_tokens], s.completion_token_ids,
                                                  len(s) - 1 - s.num_prompt_tokens) for r, s in rows],
                                    self.eos_token_ids, vocab_size, self.device)
@@ -324,11 +349,16 @@ class ModelRunner:
         the token sampled by each sampling row (rank 0; read with ``tolist()``), else None."""
         return self.launch(batch)
 
-    @torch.inference_mode()
     def launch(self, batch: SchedulerOutput) -> SampledTokens | None:
         """Queue one step's forward and sampling on the device without waiting for them; rank 0 gets the
-        sampled tokens back, one per sampling row. A row whose input is PENDING_TOKEN reads it from the
-        previous launch's sampled tokens on the device."""
+        sampled tokens back, one per sampling row."""
+        return self.sample(self.forward(batch))
+
+    @torch.inference_mode()
+    def forward(self, batch: SchedulerOutput) -> StepLogits:
+        """Queue one step's forward pass, its sampling rows' logits and its prompt logprobs (every rank takes part
+        in the LM head). A row whose input is PENDING_TOKEN reads it from the latest sampling queued (``sample``)
+        on the device."""
         phase = batch.phase.upper()
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] Preparing %s batch: %d sequences", self.rank, phase, batch.num_rows)
@@ -337,16 +367,23 @@ class ModelRunner:
         with timed(logger, self.device, "[Rank %d] Model forward %s", self.rank, phase):
             hidden = self._forward(input_ids, positions, batch.is_decode_only)
             logits = self.model.compute_logits(hidden) if num_sampled else None  # one row per batch row
-        # Prepared while the device runs the forward pass (grammar bitmasks take host time).
-        sampling = self._prepare_sampling(batch) if self.rank == 0 and num_sampled else None
         if logger.isEnabledFor(logging.DEBUG) and logits is not None:
             logger.debug("[Rank %d] Output: logits=%s", self.rank, list(logits.shape))
         reset_context()
         prompt_logprobs = self._prompt_logprobs(batch, hidden) if batch.prompt_logprob_rows else []
+        # Only the last row can be a chunk that stops short of its sequence's end (it used up the budget).
+        # (Other tensor-parallel ranks get no logits: the LM head gathers them on rank 0.)
+        return StepLogits(batch, logits[:num_sampled] if logits is not None else None, prompt_logprobs)
+
+    @torch.inference_mode()
+    def sample(self, step: StepLogits) -> SampledTokens | None:
+        """Queue the sampling of a forwarded step (rank 0; other ranks return None): its sampling settings,
+        penalty tensors and grammar bitmask are built now, from the sequences as they are now (host time that
+        overlaps the forward pass on the device). Its tokens become the next forward's pending inputs."""
         if self.rank != 0:
             return None
-        # Only the last row can be a chunk that stops short of its sequence's end (it used up the budget).
-        return self._sample(batch, logits[:num_sampled] if num_sampled else None, sampling, prompt_logprobs)
+        sampling = self._prepare_sampling(step.batch) if step.logits is not None else None
+        return self._sample(step.batch, step.logits, sampling, step.prompt_logprobs)
 
     def _prompt_logprobs(self, batch: SchedulerOutput, hidden: torch.Tensor
                          ) -> list[tuple[Sequence, int, TokenLogprobs]]:

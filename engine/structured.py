@@ -5,8 +5,10 @@ Grammars compile in a thread pool when the request is added (cached by spec, so 
 the request waits for its grammar without holding up the other sequences' steps. Each step, every constrained
 row's matcher fills its row of one token bitmask for the batch (xgrammar's threads, while the step's forward pass
 runs on the device), which masks the logits on the device before sampling; the sampled token then advances the
-matcher on the host. Because the next mask needs that token, steps with a constrained sequence running are
-synchronous (no async launch-ahead).
+matcher on the host. The next mask needs that token, so under async scheduling a step with constrained rows is
+launched ahead without its sampling, which is queued once the step before it is postprocessed (deferred
+sampling, engine/llm_engine.py): the forward pass still overlaps the host work. A sequence whose grammar ended
+(or that finished otherwise) on the token before gets no mask row, and the token sampled for it is dropped.
 """
 import json
 import re
@@ -88,11 +90,13 @@ def accept_tokens(matchers: list, token_ids: list[int]) -> list[bool]:
 
 
 class TokenBitmask:
-    """The batch's grammar bitmask ``[rows, ceil(V / 32)]``: a pinned host buffer that xgrammar's thread pool
-    fills (the constrained rows only) and its device copy, both kept from step to step. On CUDA the copy runs on
-    a side stream, so a mask filled while the step's forward pass runs reaches the device without queueing behind
-    it. Reusing the buffers is safe because steps with a constrained row are synchronous: the previous step's
-    mask has been applied before the next one is filled."""
+    """The batch's grammar bitmask ``[rows, ceil(V / 32)]`` and the indices of its constrained rows: pinned host
+    buffers that xgrammar's thread pool fills (the constrained rows only) and their device copies, all kept from
+    step to step. On CUDA the copies run on a side stream, so a mask filled while a forward pass runs reaches the
+    device without queueing behind it, and the indices need no pageable upload (which may wait for the stream).
+    Reusing the buffers is safe because a mask is filled only once the previous step's tokens were read (the
+    engine samples a step with constrained rows after postprocessing the step before it), so the previous mask
+    has been applied."""
 
     def __init__(self, vocab_size: int, device: torch.device):
         import xgrammar as xgr
@@ -100,20 +104,23 @@ class TokenBitmask:
         self._filler = xgr.BatchGrammarMatcher()
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._host = self._device = torch.empty(0, 0, dtype=torch.int32)
+        self._host_rows = self._device_rows = torch.empty(0, dtype=torch.int32)
 
-    def fill(self, matchers: list[tuple[int, object]], num_rows: int) -> tuple[torch.Tensor, list[int]]:
+    def fill(self, matchers: list[tuple[int, object]], num_rows: int) -> tuple[torch.Tensor, list[int] | torch.Tensor]:
         """Fill row ``row`` from each ``(row, matcher)`` of a batch of ``num_rows``; the bitmask on the device
-        (rows outside ``rows`` hold stale values) and those rows."""
+        (rows outside ``rows`` hold stale values) and those rows (on CUDA as a device tensor)."""
         self._reserve(num_rows)
         rows = [row for row, _ in matchers]
         self._filler.batch_fill_next_token_bitmask([m for _, m in matchers], self._host, indices=rows)
         if self._stream is None:
             return self._host[:num_rows], rows
-        mask = self._device[:num_rows]
+        mask, device_rows = self._device[:num_rows], self._device_rows[:len(rows)]
+        self._host_rows.numpy()[:len(rows)] = rows
         with torch.cuda.stream(self._stream):
             mask.copy_(self._host[:num_rows], non_blocking=True)
+            device_rows.copy_(self._host_rows[:len(rows)], non_blocking=True)
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        return mask, rows
+        return mask, device_rows
 
     def _reserve(self, num_rows: int) -> None:
         if self._host.shape[0] >= num_rows:
@@ -122,11 +129,13 @@ class TokenBitmask:
         host = xgr.allocate_token_bitmask(max(num_rows, 2 * self._host.shape[0]), self.vocab_size)
         if self._stream is None:
             self._host = self._device = host
-        else:
-            self._host, self._device = host.pin_memory(), torch.empty_like(host, device=self.device)
+            return
+        self._host, self._device = host.pin_memory(), torch.empty_like(host, device=self.device)
+        self._host_rows = torch.empty(host.shape[0], dtype=torch.int32, pin_memory=True)
+        self._device_rows = torch.empty(host.shape[0], dtype=torch.int32, device=self.device)
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int]]) -> torch.Tensor:
+def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int] | torch.Tensor]) -> torch.Tensor:
     """Set the logits of disallowed tokens to -inf in the bitmask's rows (in place, after a cast to float32)."""
     import xgrammar as xgr
     logits = logits.float()

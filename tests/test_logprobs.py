@@ -103,6 +103,36 @@ def test_logprobs_survive_preemption_and_staging_flushes(tiny_models):
             assert alts == pytest.approx(ref_alts, abs=1e-5)
 
 
+def test_logprobs_of_deferred_sampling_rows_are_the_raw_logits_log_softmax(tiny_models):
+    """Async steps with a grammar or a penalty row sample after the step before them is postprocessed (deferred
+    sampling): the logprobs of those rows and of the rows beside them are still taken before any penalty or mask,
+    as transformers' log-softmax of the same tokens says."""
+    from tests.conftest import hf_model
+    path = tiny_models["qwen2"]
+    llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=128)
+    prompts = [[5 + i + j for j in range(8 + 5 * i)] for i in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=10, logprobs=3, regex="[a-z ]{40}"),
+              SamplingParams(temperature=0.9, seed=4, max_tokens=10, logprobs=2, ignore_eos=True,
+                             repetition_penalty=2.0, frequency_penalty=1.5),
+              SamplingParams(temperature=0, max_tokens=10, logprobs=1, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, choice=["red", "green", "blue"])]
+    records = []
+    llm.add_step_callback(lambda record: records.append(llm.in_flight is not None))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert sum(records) >= 8  # launched ahead
+    model = hf_model(path)
+    for prompt, p, out in zip(prompts, params, outs):
+        if p.logprobs is None:
+            continue
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt + out["token_ids"]])).logits[0].float(), -1)
+        ref = ref[len(prompt) - 1:-1]
+        assert len(out["token_logprobs"]) == len(out["token_ids"]) == 10
+        for token, lp, alts, r in zip(out["token_ids"], out["token_logprobs"], out["logprobs"], ref):
+            assert lp == pytest.approx(float(r[token]), abs=1e-4)
+            assert set(alts) == set(r.topk(p.logprobs).indices.tolist()) | {token}
+
+
 # ----- the real model (SmolLM2-135M-Instruct, fp32 on CPU) against transformers -----------------------------------
 # 1e-5 is below HF's own reproducibility here. On one full prefill the engine's fp32 logits equal HF eager's bit for
 # bit: embeddings, RMSNorm, the fused qkv / gate_up GEMMs (each row equals the separate GEMMs'), rotary, MLP, the fp32

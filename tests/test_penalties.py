@@ -111,7 +111,11 @@ def test_greedy_with_processors_equals_hf_generate(hf_gguf_model):
               dict(repetition_penalty=1.3, sequence_bias=[[[28], 2.0]])),
              ("The quick brown fox", SamplingParams(temperature=0, max_tokens=6, presence_penalty=0.8,
                                                     frequency_penalty=0.5), dict(presence_frequency=(0.8, 0.5)))]
+    ahead = []  # steps after which a step with penalized rows was in flight (its sampling deferred, not synchronous)
+    llm.add_step_callback(lambda record: ahead.append(llm.in_flight is not None and any(
+        s.params.has_penalties for s in llm.in_flight.batch.seqs)))
     outs = llm.generate([prompt for prompt, _, _ in cases], [params for _, params, _ in cases], use_tqdm=False)
+    assert sum(ahead) >= 4
     im_end = llm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert len(outs[0]["token_ids"]) == 14 and im_end not in outs[0]["token_ids"][:12]
     for out, (prompt, params, hf_args) in zip(outs, cases):

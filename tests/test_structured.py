@@ -131,7 +131,7 @@ def test_choice_and_regex_with_sampling_and_a_stop_string(demo):
 
 
 def test_constrained_rows_in_an_async_batch_match_their_runs_alone(demo):
-    """A constrained request makes steps synchronous; the unconstrained ones batched with it are unchanged."""
+    """A constrained row and an unconstrained one batched together sample what each samples alone."""
     free = SamplingParams(temperature=0.7, seed=5, max_tokens=8)
     constrained = SamplingParams(temperature=0.7, seed=6, max_tokens=8, choice=["yes", "no"])
     prompts = [ask("Is the sky blue?"), "The quick brown fox"]
@@ -165,3 +165,49 @@ def test_a_spec_that_does_not_compile_names_the_request(demo):
             demo.step()
     assert demo.is_finished()  # the request was dropped; the engine still works
     assert demo.generate(["hi"], SamplingParams(max_tokens=2, choice=["ok"]), use_tqdm=False)[0]["text"] == "ok"
+
+
+def test_mixed_batch_async_equals_sync_through_preemption(hf_gguf_model):
+    """Grammar rows (JSON schema greedy and seeded, a regex, a choice that ends after one word), penalized rows,
+    logprobs rows, a stop string and plain rows, in a KV cache small enough to preempt: launched ahead with
+    deferred sampling, they give the synchronous run's tokens; the constrained outputs parse and match."""
+    import json
+    import re
+
+    import jsonschema
+    from engine import LLM
+    llm = LLM("demo", device="cpu", max_model_len=256, max_num_seqs=4, kvcache_block_size=16, num_kvcache_blocks=8)
+    phone = r"\(\d{3}\) \d{3}-\d{4}"
+    rows = [(ask("Describe a person as JSON."), SamplingParams(temperature=0, max_tokens=32, json_schema=SCHEMA)),
+            (ask("Describe a person as JSON."), SamplingParams(temperature=0.9, seed=1, max_tokens=32, logprobs=2,
+                                                               json_schema=SCHEMA)),
+            (ask("What is the capital of France?"), SamplingParams(temperature=0, max_tokens=12,
+                                                                   choice=["Paris", "London"])),
+            (ask("Give me a phone number."), SamplingParams(temperature=0.8, seed=2, max_tokens=16, regex=phone)),
+            ("The quick brown fox", SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.3,
+                                                   presence_penalty=0.5, logprobs=3)),
+            (ask("Count from 1 to 20, separated by commas."), SamplingParams(temperature=0, max_tokens=24,
+                                                                             stop=["\n3"], logprobs=1)),
+            ("The capital of France is", SamplingParams(temperature=0.8, seed=3, max_tokens=16))]
+    records, ahead = [], []  # ahead: after each step, whether the next one is in flight
+    llm.add_step_callback(lambda record: records.append(record) or ahead.append(llm.in_flight is not None))
+    runs = {}
+    try:
+        for async_scheduling in (False, True):
+            llm.async_scheduling = async_scheduling
+            del ahead[:]
+            runs[async_scheduling] = llm.generate([p for p, _ in rows], [sp for _, sp in rows], use_tqdm=False)
+    finally:
+        llm.shutdown()
+    sync, out = runs[False], runs[True]
+    assert sum(r.num_preempted for r in records) > 0 and sum(ahead) > 10
+    assert [o["token_ids"] for o in out] == [o["token_ids"] for o in sync]
+    assert [o["finish_reason"] for o in out] == [o["finish_reason"] for o in sync]
+    for o, s in zip(out, sync):
+        assert o.get("token_logprobs") == pytest.approx(s.get("token_logprobs"), abs=1e-4)
+    for o in out[:2]:
+        assert o["finish_reason"] == "stop", o["text"]
+        jsonschema.validate(json.loads(o["text"]), SCHEMA)
+    assert out[2]["text"] in ("Paris", "London") and out[2]["token_ids"][-1] in llm.scheduler.eos_token_ids
+    assert re.fullmatch(phone, out[3]["text"])
+    assert out[5]["finish_reason"] == "stop" and "3" not in out[5]["text"]

@@ -9,12 +9,16 @@ On CUDA the noise, scaling and argmax are one Triton kernel (``triton_fused.gumb
 noise in registers: the hash above, bit for bit, for seeded rows; Philox keyed by (row, step seed) for the
 others. The step seed is a host-side counter, so consecutive steps differ without a device sync.
 
-:meth:`Sampler.sample` first reads the raw logits of the rows that ask for logprobs, then applies the grammar
-bitmask and the logits processors (``engine.logits_processors``) of the rows that have them, samples, and
+:meth:`Sampler.sample` first reads the raw logits of the rows that ask for logprobs, then applies the logits
+processors (``engine.logits_processors``) and the grammar bitmask of the rows that have them, samples, and
 finishes the logprobs with the sampled tokens; each part costs nothing when no row of the batch uses it (host
-flags, no kernels). On CUDA the logprobs never materialise a log-softmax: ``triton_logprobs`` takes each row's
-logsumexp and top-k logits in one read and gathers the sampled token's logit afterwards (:func:`raw_logprobs`);
-elsewhere ``torch.log_softmax`` + ``topk`` is the exact reference.
+flags, no kernels). The processors' tensors and the bitmask come with the :class:`SamplingBatch`, built when
+the runner queues the sampling: for a step whose rows need the previous step's tokens on the host, after its
+forward pass (deferred sampling, engine/llm_engine.py); the logits are still the raw ones then.
+
+On CUDA the logprobs never materialise a log-softmax: ``triton_logprobs`` takes each row's logsumexp and top-k
+logits in one read and gathers the sampled token's logit afterwards (:func:`raw_logprobs`); elsewhere
+``torch.log_softmax`` + ``topk`` is the exact reference.
 """
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,7 +67,7 @@ class SamplingBatch:
     logprob_row_list: list[int] = field(default_factory=list)  # the same rows, on the host
     num_logprobs: int = 0                     # top-k alternatives for them (the most any of them asks)
     penalties: PenaltyBatch | None = None
-    bitmask: tuple[torch.Tensor, list[int]] | None = None  # grammar rows' token bitmask, and those rows
+    bitmask: tuple[torch.Tensor, list[int] | torch.Tensor] | None = None  # grammar rows' token bitmask, those rows
 
 
 @dataclass
