@@ -5,8 +5,9 @@ Sampling uses the Gumbel-max form of the exponential race: ``argmax(logits / T -
 path (masks for top-k / top-p / min-p set excluded logits to -inf first). Rows with a seed get their noise from a counter-based hash of (seed, output position, token id),
 so a seeded request samples the same tokens whatever else is in the batch.
 
-On CUDA the noise, scaling and argmax are one Triton kernel (``triton_fused.gumbel_argmax``) that makes the
-noise in registers: the hash above, bit for bit, for seeded rows; Philox keyed by (row, step seed) for the
+On CUDA the noise, scaling and argmax are Triton kernels (``triton_fused.gumbel_argmax``: each row's vocabulary
+raced in slices by several programs when the batch is small, then a winner per row) that make the noise in
+registers: the hash above, bit for bit, for seeded rows; Philox keyed by (row, step seed) for the
 others. The step seed is a host-side counter, so consecutive steps differ without a device sync.
 
 :meth:`Sampler.sample` first reads the raw logits of the rows that ask for logprobs, then applies the logits
