@@ -1,11 +1,8 @@
 """Chooses each step's batch under one token budget (``max_num_batched_tokens``): first one decode token for
 every running sequence that has sampled, then the next chunks of running sequences still prefilling, then
 waiting prompts (whole, or a first chunk when the budget left is smaller). A prompt longer than the budget is
-thus prefilled over several steps. In a step with decode rows, prompt tokens take at most PROMPT_SHARE_WITH_DECODES
-of the budget (never less than MIN_PROMPT_TOKENS_WITH_DECODES): a prompt-heavy step delays every decoding sequence
-beside it, and with the cap the decodes' inter-token latency stays within a small multiple of a decode step's
-while the work, and so the throughput, barely changes (the decode rows make progress in the extra steps). Prompt
-chunks next to other rows leave PREFILL_WATERMARK of the KV cache free, so the decoding sequences can grow into it; when the cache still runs out, the newest sequences not yet in
+thus prefilled over several steps. Prompt chunks next to other rows leave PREFILL_WATERMARK of the KV cache
+free, so the decoding sequences can grow into it; when the cache still runs out, the newest sequences not yet in
 the batch are preempted and later recomputed. ``max_num_seqs`` bounds the running set.
 
 With async scheduling the engine asks for the next batch while the current step still runs on the device:
@@ -24,17 +21,12 @@ from engine.sequence import Sequence, SequenceStatus
 logger = get_logger(__name__)
 MAX_LISTED_SEQS = 8
 PREFILL_WATERMARK = 0.01  # of the KV blocks, kept free of prompt chunks for decodes (vLLM v0's default, 1 %)
-PROMPT_SHARE_WITH_DECODES = 0.125  # of max_num_batched_tokens, for prompt tokens in a step that has decode rows
-MIN_PROMPT_TOKENS_WITH_DECODES = 512  # ... but at least this (or the whole budget if smaller): smaller prompt chunks
-                                      # would mostly add steps that re-read every decode row's KV cache
 
 
 class Scheduler:
     def __init__(self, config: Config, num_blocks: int, eos_token_ids: set[int]):
         self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = budget = config.max_num_batched_tokens
-        self.prompt_budget_with_decodes = max(int(budget * PROMPT_SHARE_WITH_DECODES),
-                                              min(budget, MIN_PROMPT_TOKENS_WITH_DECODES))
+        self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
@@ -57,8 +49,6 @@ class Scheduler:
             (decoding if seq.is_decoding else prefilling).append(seq)
         budget = self._schedule_running(out, decoding, self.max_num_batched_tokens)
         out.num_decode_rows = out.num_rows
-        if out.num_decode_rows:
-            budget = min(budget, self.prompt_budget_with_decodes)
         budget = self._schedule_running(out, prefilling, budget, chunks=True)
         if not out.num_preempted:
             self._schedule_waiting(out, budget)
