@@ -688,3 +688,23 @@ def test_logprobs_kernel_gpu(dtype, k, monkeypatch):
     assert torch.equal(sampled, again) and kernel.top_ids.shape == ref.top_ids.shape == (256, k)
     torch.testing.assert_close(kernel.top, ref.top, rtol=0, atol=2e-5)
     torch.testing.assert_close(kernel.token, ref.token, rtol=0, atol=2e-5)
+
+
+def test_attention_logs_the_store_the_prologue_did_and_does_not_store_again(monkeypatch):
+    """The logging guide's "Storing KV cache" line stays at DEBUG when the fused prologue wrote K/V itself."""
+    from engine.context import reset_context, set_context
+    from engine.layers import attention
+    seen = []
+    monkeypatch.setattr(attention.logger, "isEnabledFor", lambda level: True)
+    monkeypatch.setattr(attention.logger, "debug", lambda msg, *args: seen.append(msg % args))
+    layer = attention.Attention(4, 2, 16, 0.25)
+    layer.k_cache, layer.v_cache = torch.zeros(2, 16, 2, 16), torch.zeros(2, 16, 2, 16)
+    set_context(is_prefill=False, slot_mapping=torch.tensor([0, 16, 17]),
+                context_lens=torch.tensor([1, 2, 2], dtype=torch.int32),
+                block_tables=torch.tensor([[0], [1], [1]], dtype=torch.int32))
+    try:
+        layer(torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16), kv_stored=True)
+    finally:
+        reset_context()
+    assert any(m.startswith("Storing KV cache: N=3, num_heads=2, head_dim=16") for m in seen)
+    assert not layer.k_cache.any() and not layer.v_cache.any()

@@ -58,11 +58,12 @@ class Attention(nn.Module):
         if debug:
             logger.debug("Attention forward: is_prefill=%s, q=%s, k=%s, v=%s", ctx.is_prefill,
                          list(q.shape), list(k.shape), list(v.shape))
-        if self.k_cache.numel() and not kv_stored:
-            if debug:
+        if self.k_cache.numel():
+            if debug:  # (also when the fused prologue stored them: the logging guide's line for this stage)
                 logger.debug("Storing KV cache: N=%d, num_heads=%d, head_dim=%d, num_slots=%d",
                              k.shape[0], self.num_kv_heads, self.head_dim, ctx.slot_mapping.numel())
-            _store(self.backend)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            if not kv_stored:
+                _store(self.backend)(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             out = self._prefill(q, k, v, ctx)
         else:
