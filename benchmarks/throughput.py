@@ -291,7 +291,7 @@ def run_engine_workloads(path: str, wanted: list[str], res: Results, timed_runs:
     res.record("W4", dict(startup_s=time.perf_counter() - start, kv_blocks=llm.model_runner.num_blocks,
                      kv_block_size=llm.config.kvcache_block_size, max_num_seqs=llm.config.max_num_seqs,
                      kv_cache_gb=llm.model_runner.kv_cache.numel() * 2 / 2**30,
-                     cuda_graphs=len(llm.model_runner.graphs)))
+                     cuda_graphs=llm.model_runner.num_cuda_graphs))
     for key, name, requests in (("W1", "W1", w1), ("W5", "W5", w5), ("HF", "W1-HF-engine", w1_hf)):
         if key in wanted:
             res.record(name, engine_rate(llm, requests(), timed_runs, name))

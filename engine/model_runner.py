@@ -1,7 +1,8 @@
 """Owns the model on one device (one TP rank): weights, the paged KV cache, CUDA graphs, input preparation,
 the forward pass and sampling. Each step runs one :class:`SchedulerOutput`: a decode-only batch replays a CUDA
-graph; any other (prompt chunks, alone or with decode rows) runs eagerly, its decode rows through the decode
-attention kernel and its prompt chunks through the paged prefill attention.
+graph; any other (prompt chunks, alone or with decode rows) replays piecewise graphs around eager attention
+(engine/cuda_graphs.py), its decode rows through the decode attention kernel and its prompt chunks through the
+paged prefill attention.
 
 A step is queued in two parts, neither waiting for the device: :meth:`ModelRunner.forward` (inputs, forward
 pass, logits) and :meth:`ModelRunner.sample` (sampling settings, penalty tensors, grammar bitmask, sampling).
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from engine.config import Config
 from engine.context import get_context, reset_context, set_context
+from engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_token_sizes
 from engine.layers.attention import Attention, select_backend
 from engine.layers.sampler import Sampler, SamplingBatch, TokenLogprobs, token_logprobs
 from engine.loader import load_weights
@@ -30,7 +32,6 @@ from engine.sequence import Sequence
 logger = get_logger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where no memory profile is taken
 CASCADE_MIN_BATCH = 16  # smaller decode batches gain little from it and would pay its extra kernels
-MAX_GRAPH_BATCH = 512  # CUDA graphs are captured for decode batches up to min(max_num_seqs, this)
 PROMPT_LOGITS_CHUNK = 1024  # prompt logprobs: positions whose logits are computed at a time
 UPLOAD_ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignment: every uploaded view has it
 
@@ -69,12 +70,6 @@ class SampledTokens:
         if self.ready is not None:
             self.ready.synchronize()
         return self.host.tolist()
-
-
-def graph_batch_sizes(max_batch: int) -> list[int]:
-    """Decode batch sizes to capture: 1, 2, 4, 8, then steps of 16 up to max_batch (rounded up)."""
-    sizes = [b for b in (1, 2, 4, 8) if b < max_batch]
-    return sizes + list(range(16, max_batch + 16, 16)) if max_batch > 8 else sizes + [max_batch]
 
 
 def block_table_array(block_tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,14 +112,14 @@ class ModelRunner:
             config.max_num_seqs = config.default_max_num_seqs(self.num_blocks)
             if rank == 0:
                 logger.info("Running set: max_num_seqs=%d (fitted to the KV cache)", config.max_num_seqs)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, cascade) -> graph
+        self.decode_graphs: DecodeGraphs | None = None
+        self.piecewise_graphs: PiecewiseGraphs | None = None
         if not config.enforce_eager and self.device.type == "cuda":
             self._capture_cudagraphs()
 
     def shutdown(self) -> None:
         """Drop the CUDA graphs, KV cache and weights so their memory can be reused."""
-        self.graphs.clear()
-        self.graph_buffers = None
+        self.decode_graphs = self.piecewise_graphs = None
         for attn in self.attention_layers:
             attn.k_cache = attn.v_cache = torch.tensor([])
         self.kv_cache = self.model = None
@@ -433,59 +428,38 @@ class ModelRunner:
         return host.copy_(x, non_blocking=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode_only: bool) -> torch.Tensor:
-        if decode_only and self.graphs and input_ids.shape[0] <= self.graph_sizes[-1]:
-            return self._replay(input_ids, positions)
-        return self.model(input_ids, positions)
+        graphs = self.decode_graphs if decode_only else self.piecewise_graphs
+        size = graphs.padded_size(input_ids.shape[0]) if graphs is not None else None
+        if size is None:
+            return self.model(input_ids, positions)
+        if logger.isEnabledFor(logging.DEBUG):
+            if decode_only:
+                logger.debug("[Rank %d] DECODE CUDA graph replay: batch=%d, graph_batch=%d, k_cache=%s, v_cache=%s "
+                             "(per-layer attention lines are not emitted during replay)", self.rank,
+                             input_ids.shape[0], size, list(self.kv_cache[0].shape), list(self.kv_cache[1].shape))
+            else:
+                logger.debug("[Rank %d] %s piecewise CUDA graph replay: tokens=%d, graph_tokens=%d (attention runs "
+                             "eagerly between the pieces; other per-layer lines are not emitted)", self.rank,
+                             "MIXED" if get_context().num_decode_tokens else "PREFILL", input_ids.shape[0], size)
+        return graphs.replay(input_ids, positions, size)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------
+    @property
+    def num_cuda_graphs(self) -> int:
+        return sum(len(g) for g in (self.decode_graphs, self.piecewise_graphs) if g is not None)
+
     @torch.inference_mode()
     def _capture_cudagraphs(self) -> None:
         config = self.config
-        self.graph_sizes = graph_batch_sizes(min(config.max_num_seqs, MAX_GRAPH_BATCH))
-        max_bs, hidden = self.graph_sizes[-1], config.hf_config.hidden_size
-        self.graph_buffers = dict(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=self.device),
-            context_lens=torch.ones(max_bs, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(max_bs, config.max_blocks_per_seq, dtype=torch.int32, device=self.device),
-            shared_blocks=torch.zeros(1, dtype=torch.int64, device=self.device),
-            outputs=torch.zeros(max_bs, hidden, dtype=self.dtype, device=self.device))
-        buf, pool = self.graph_buffers, None
-        logger.info("Capturing CUDA graphs for decode batch sizes %s%s", self.graph_sizes,
-                    f" (from {CASCADE_MIN_BATCH} also with cascade attention)" if self._cascade(max_bs) else "")
-        for bs, cascade in [(bs, c) for bs in reversed(self.graph_sizes) for c in (False, True)
-                            if not c or self._cascade(bs)]:
-            graph = torch.cuda.CUDAGraph()
-            set_context(is_prefill=False, slot_mapping=buf["slot_mapping"][:bs],
-                        context_lens=buf["context_lens"][:bs], block_tables=buf["block_tables"][:bs],
-                        shared_blocks=buf["shared_blocks"] if cascade else None)
-            buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])  # warm-up
-            with torch.cuda.graph(graph, pool):
-                buf["outputs"][:bs] = self.model(buf["input_ids"][:bs], buf["positions"][:bs])
-            pool = pool or graph.pool()
-            self.graphs[bs, cascade] = graph
-            torch.cuda.synchronize(self.device)
-            reset_context()
-        logger.info("Captured %d CUDA graphs - %s", len(self.graphs), memory_summary(self.device))
-
-    def _replay(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        bs = input_ids.shape[0]
-        graph_bs = next(b for b in self.graph_sizes if b >= bs)
-        ctx, buf = get_context(), self.graph_buffers
-        buf["input_ids"][:bs].copy_(input_ids)
-        buf["positions"][:bs].copy_(positions)
-        buf["slot_mapping"][bs:graph_bs].fill_(-1)  # padding rows: no cache writes and no attention work
-        buf["context_lens"][bs:graph_bs].zero_()
-        buf["slot_mapping"][:bs].copy_(ctx.slot_mapping)
-        buf["context_lens"][:bs].copy_(ctx.context_lens)
-        buf["block_tables"][:bs, :ctx.block_tables.shape[1]].copy_(ctx.block_tables)
-        cascade = ctx.shared_blocks is not None
-        if cascade:
-            buf["shared_blocks"].copy_(ctx.shared_blocks)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("[Rank %d] DECODE CUDA graph replay: batch=%d, graph_batch=%d, k_cache=%s, v_cache=%s "
-                         "(per-layer attention lines are not emitted during replay)", self.rank, bs, graph_bs,
-                         list(self.kv_cache[0].shape), list(self.kv_cache[1].shape))
-        self.graphs[graph_bs, cascade].replay()
-        return buf["outputs"][:bs]
+        sizes = graph_batch_sizes(config.max_num_seqs)
+        logger.info("Capturing CUDA graphs for decode batch sizes %s%s", sizes,
+                    f" (from {CASCADE_MIN_BATCH} also with cascade attention)" if self._cascade(sizes[-1]) else "")
+        self.decode_graphs = DecodeGraphs(self.model, sizes, config.max_blocks_per_seq, config.hf_config.hidden_size,
+                                          self.dtype, self.device, self._cascade)
+        token_sizes = piecewise_token_sizes(config.max_num_batched_tokens)
+        if token_sizes:
+            logger.info("Capturing piecewise CUDA graphs (%d pieces, split at attention) for token counts %s",
+                        len(self.attention_layers) + 1, token_sizes)
+            self.piecewise_graphs = PiecewiseGraphs(self.model.model, self.attention_layers, token_sizes,
+                                                    self.device, self.decode_graphs.pool)
+        logger.info("Captured %d CUDA graphs - %s", self.num_cuda_graphs, memory_summary(self.device))

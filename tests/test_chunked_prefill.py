@@ -130,7 +130,7 @@ def test_chunked_prefill_on_gpu_matches_hf_fp32(tiny_models, llama_9_heads, mode
     llm = LLM(path, dtype="float32", kvcache_block_size=BS, max_model_len=512, max_num_batched_tokens=BUDGET,
               gpu_memory_utilization=0.3, async_scheduling=async_scheduling)
     try:
-        assert llm.model_runner.graphs
+        assert llm.model_runner.decode_graphs and llm.model_runner.piecewise_graphs
         outs, records = generate(path, prompts, llm=llm)
     finally:
         llm.shutdown()

@@ -283,7 +283,7 @@ def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):
         AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(tmp_path))
     llm = LLM(str(tmp_path), max_model_len=2048)
     try:
-        assert llm.model_runner.graphs, "CUDA graphs were not captured"
+        assert llm.model_runner.decode_graphs and llm.model_runner.piecewise_graphs, "CUDA graphs were not captured"
         rng = random.Random(0)
         prompts = [[rng.randrange(0, 151936) for _ in range(rng.randint(100, 1024))] for _ in range(64)]
         outs = llm.generate(prompts, SamplingParams(temperature=0.6, max_tokens=128, ignore_eos=True),

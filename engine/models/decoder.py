@@ -59,7 +59,9 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rms_norm_eps = config.rms_norm_eps
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """q ``[tokens, heads, dim]``, k and v ``[tokens, kv_heads, dim]`` after the prologue (q/k norm, rotary, and on
+        CUDA the KV-cache store), and whether the prologue stored k and v."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -69,8 +71,11 @@ class DecoderAttention(nn.Module):
         q, k, kv_stored = qk_norm_rotary_store(positions, q, k, v, self.rotary.cos, self.rotary.sin, norm_weights,
                                                self.rms_norm_eps, self.attn.k_cache, self.attn.v_cache,
                                                get_context().slot_mapping)
-        out = self.attn(q, k, v, kv_stored=kv_stored)
-        return self.o_proj(out.flatten(1, -1))
+        return q, k, v, kv_stored
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, k, v, kv_stored = self.project(positions, x)
+        return self.o_proj(self.attn(q, k, v, kv_stored=kv_stored).flatten(1, -1))
 
 
 class DecoderMLP(nn.Module):
@@ -94,14 +99,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
+    def attention_inputs(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """The layer up to its attention: ``(q, k, v, kv_stored, residual)`` (see ``DecoderAttention.project``)."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden.float()
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return *self.self_attn.project(positions, hidden), residual
+
+    def attention_outputs(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after its attention (``attn_out`` ``[tokens, heads, dim]``): ``(hidden, residual)``."""
+        hidden, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out.flatten(1, -1)), residual)
         return self.mlp(hidden), residual
+
+    def forward(self, positions, hidden, residual):
+        q, k, v, kv_stored, residual = self.attention_inputs(positions, hidden, residual)
+        return self.attention_outputs(self.self_attn.attn(q, k, v, kv_stored=kv_stored), residual)
 
 
 class DecoderModel(nn.Module):
@@ -117,6 +130,19 @@ class DecoderModel(nn.Module):
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def piece(self, i: int, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None):
+        """Piece ``i`` of the forward pass cut at its attention calls (CUDA graphs are captured around them, see
+        engine/cuda_graphs.py). Piece 0 embeds the token ids ``x``; piece ``i > 0`` takes layer ``i - 1``'s attention
+        output ``x`` through the rest of that layer. Each then returns layer ``i``'s ``attention_inputs``, except
+        the last piece (``i == len(layers)``), which returns the final hidden states."""
+        if i == 0:
+            hidden, residual = self.embed_tokens(x), None
+        else:
+            hidden, residual = self.layers[i - 1].attention_outputs(x, residual)
+        if i == len(self.layers):
+            return self.norm(hidden, residual)[0]
+        return self.layers[i].attention_inputs(positions, hidden, residual)
 
 
 class DecoderForCausalLM(nn.Module):
