@@ -115,3 +115,16 @@ def test_attention_backend_selection_falls_back(monkeypatch):
         assert select_backend(cuda, 256) == "triton"     # not installed
     assert select_backend(cuda, 16) == "triton"          # paged flash-attn needs 256-token blocks
 
+
+
+def test_start_freezes_existing_objects_out_of_full_collections(tiny_models):
+    """The engine leaves the objects of its start-up (imports, model) out of Python's full garbage collections
+    (they stalled running batches on the GPU machine) and gives them back at shutdown."""
+    import gc
+    gc.unfreeze()
+    engine = LLM(tiny_models["qwen3"], device="cpu", kvcache_block_size=16, max_model_len=128)
+    try:
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        engine.shutdown()
+    assert gc.get_freeze_count() == 0

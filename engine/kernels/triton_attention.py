@@ -92,8 +92,10 @@ def _attend_keys(q, k_base, v_base, block_table, start, end, qk_scale, stride_cb
 
 
 # Split counts are runtime arguments (not specialised), so the batch sizes captured in CUDA graphs share one
-# compiled kernel instead of compiling one per split count at startup.
-@triton.jit(do_not_specialize=["num_splits", "num_slots"])
+# compiled kernel instead of compiling one per split count at startup. So is the block-table stride (the widest
+# row's block count, which changes from step to step in eager steps): Triton would otherwise compile a variant
+# whenever it crosses 1 or a multiple of 16, a ~1 s stall in the middle of a run.
+@triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, shared_blocks_ptr,
                          out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits, num_slots,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
@@ -238,7 +240,7 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_b
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr,
                     block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_bt, stride_cb, stride_ct, stride_ch,
