@@ -6,13 +6,14 @@ their forward pass ahead and queue their sampling once that token is postprocess
 import json
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.model_runner import SampledTokens
 
 
-def run(path: str, prompts, params, async_scheduling: bool, **kwargs):
-    llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=128, async_scheduling=async_scheduling,
+def run(path: str, prompts, params, async_scheduling: bool, device: str = "cpu", **kwargs):
+    llm = LLM(path, device=device, kvcache_block_size=16, max_model_len=128, async_scheduling=async_scheduling,
               **kwargs)
     ahead, records = [], []
     launch_ahead = llm._launch_ahead
@@ -139,6 +140,23 @@ def test_grammar_and_penalty_rows_launch_ahead_and_equal_sync(mixed, engine_args
         assert set(json.loads(out[0][2], strict=False)) == {"name", "age"}
     assert out[5][2] == stopped_text and out[5][1] == "stop"
     assert len(out[4][0]) == 24 and len(out[4][3]) == 24 and len(out[4][4]) == 24  # one logprob entry per token
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deferred_sampling_on_gpu_equals_sync(mixed):
+    """Deferred sampling's CUDA paths (pinned uploads of penalty tensors and grammar bitmasks, sampling queued
+    behind a forward pass already on the stream, CUDA graphs) in fp32: the synchronous run's outputs."""
+    path, prompts, params, _ = mixed
+    outputs = {}
+    for async_scheduling in (False, True):
+        out, ahead, _, llm = run(path, prompts, params, async_scheduling, device="cuda", dtype="float32",
+                                 gpu_memory_utilization=0.3)
+        llm.shutdown()
+        outputs[async_scheduling] = out
+    assert ahead > 10
+    assert_same_outputs(outputs[True], outputs[False])
+    assert outputs[True][2][2] in CHOICES
 
 
 def call_order(llm, monkeypatch) -> list[str]:
