@@ -5,17 +5,25 @@ attention run exactly as on the GPU, and greedy output must still equal HF's in 
 import pytest
 import torch
 
-from engine import LLM
-from engine import cuda_graphs
+from engine import LLM, SamplingParams
+from engine import context, cuda_graphs
 from engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_token_sizes
 from tests.test_chunked_prefill import BS, BUDGET, expected, generate, llama_9_heads, random_prompts  # noqa: F401 (fixture)
 
 
 class Rerun:
-    """Stands in for a captured graph: replay() reruns the call."""
+    """Stands in for a captured graph: replay() reruns the call under the context it was captured with (a graph's
+    kernels read the static buffers the capture-time context named, whatever the step's context says)."""
 
     def __init__(self, run, pool):
-        self.replay = run
+        self.run, self.context = run, context.get_context()
+
+    def replay(self):
+        step_context, context._CONTEXT = context._CONTEXT, self.context
+        try:
+            self.run()
+        finally:
+            context._CONTEXT = step_context
 
     def pool(self):
         return None
@@ -32,6 +40,27 @@ def test_graph_sizes():
     assert all((b - a) / b <= 0.25 for a, b in zip(tokens[3:], tokens[4:]))
 
 
+def install_graphs(llm: LLM, token_sizes: list[int]):
+    """Give a CPU engine both kinds of graphs (captured with ``Rerun``; the test patches ``capture``)."""
+    runner, config = llm.model_runner, llm.config
+    runner.decode_graphs = DecodeGraphs(runner.model, graph_batch_sizes(config.max_num_seqs), config.max_blocks_per_seq,
+                                        config.hf_config.hidden_size, runner.dtype, runner.device, lambda bs: False)
+    runner.piecewise_graphs = PiecewiseGraphs(runner.model.model, runner.attention_layers, token_sizes, runner.device)
+    return runner
+
+
+def recording(graphs, replays: list):
+    """``graphs.replay`` that records ``(rows, padded size)`` and checks that padding rows write no KV cache slot."""
+    replay = graphs.replay
+
+    def run(input_ids, positions, size):
+        out = replay(input_ids, positions, size)
+        replays.append((len(input_ids), size))
+        assert (graphs.slot_mapping[len(input_ids):size] == -1).all()
+        return out
+    return run
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("model", ["qwen3", "llama_9_heads"])
 def test_graph_replays_match_hf(tiny_models, llama_9_heads, model, async_scheduling, monkeypatch):
@@ -42,24 +71,36 @@ def test_graph_replays_match_hf(tiny_models, llama_9_heads, model, async_schedul
     path = llama_9_heads if model == "llama_9_heads" else tiny_models[model]
     llm = LLM(path, device="cpu", kvcache_block_size=BS, max_model_len=512, max_num_batched_tokens=BUDGET,
               max_num_seqs=7, async_scheduling=async_scheduling)
-    runner = llm.model_runner
-    runner.decode_graphs = DecodeGraphs(runner.model, graph_batch_sizes(7), llm.config.max_blocks_per_seq,
-                                        llm.config.hf_config.hidden_size, runner.dtype, runner.device,
-                                        lambda bs: False)
-    runner.piecewise_graphs = PiecewiseGraphs(runner.model.model, runner.attention_layers, [24, BUDGET],
-                                              runner.device)
+    runner = install_graphs(llm, [24, BUDGET])
     replays = {"decode": [], "pieces": []}
-    decode_replay, piece_replay = runner.decode_graphs.replay, runner.piecewise_graphs.replay
-    monkeypatch.setattr(runner.decode_graphs, "replay",
-                        lambda ids, pos, size: replays["decode"].append(size) or decode_replay(ids, pos, size))
-    monkeypatch.setattr(runner.piecewise_graphs, "replay",
-                        lambda ids, pos, size: replays["pieces"].append(size) or piece_replay(ids, pos, size))
+    for kind, graphs in (("decode", runner.decode_graphs), ("pieces", runner.piecewise_graphs)):
+        monkeypatch.setattr(graphs, "replay", recording(graphs, replays[kind]))
     shared = random_prompts(512, (40,), seed=3)[0]
     prompts = random_prompts(512, (5, 90, 17, 3, 61, 2)) + random_prompts(512, (9, 30), seed=4, prefix=shared)
-    outs, records = generate(path, prompts, llm=llm)
-    assert [o["token_ids"] for o in outs] == [expected(path, p) for p in prompts]
-    assert set(replays["pieces"]) == {24, BUDGET} and {1, 2, 4, 8} & set(replays["decode"])
+    outs, records = generate(path, prompts, max_new=10, llm=llm)
+    assert [o["token_ids"] for o in outs] == [expected(path, p, 10) for p in prompts]
+    assert {size for _, size in replays["pieces"]} == {24, BUDGET}
+    assert any(n < size for n, size in replays["pieces"]) and any(n < size for n, size in replays["decode"])
     assert len(replays["decode"]) == sum(r.phase == "decode" for r in records)
     assert len(replays["pieces"]) == sum(r.phase == "prefill" for r in records)
     assert any(r.num_decode_seqs and r.num_prefill_tokens for r in records)
     assert outs[-1]["num_cached_tokens"] == 32
+
+
+def test_real_model_through_graph_replays(monkeypatch):
+    """SmolLM2-135M-Instruct (9 heads, 3 KV heads, head_dim 64, tied embeddings), its chat prompts chunked by a
+    40-token budget and padded to 32 or 40 tokens: the same greedy answers as without graphs (which equal HF's,
+    tests/test_real_model.py)."""
+    monkeypatch.setattr(cuda_graphs, "capture", Rerun)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    questions = ["What is the capital of France?", "Name one primary color.", "What is 2 + 2?"]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    answers = []
+    for graphs in (False, True):
+        llm = LLM("demo", device="cpu", max_model_len=256, max_num_seqs=3, max_num_batched_tokens=40)
+        if graphs:
+            install_graphs(llm, [32, 40])
+        answers.append([o["token_ids"] for o in llm.generate(prompts, greedy, use_tqdm=False)])
+        llm.shutdown()
+    assert answers[0] == answers[1] and all(answers[0])
