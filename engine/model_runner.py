@@ -457,9 +457,8 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self.model, sizes, config.max_blocks_per_seq, config.hf_config.hidden_size,
                                           self.dtype, self.device, self._cascade)
         token_sizes = piecewise_token_sizes(config.max_num_batched_tokens)
-        if token_sizes:
-            logger.info("Capturing piecewise CUDA graphs (%d pieces, split at attention) for token counts %s",
-                        len(self.attention_layers) + 1, token_sizes)
-            self.piecewise_graphs = PiecewiseGraphs(self.model.model, self.attention_layers, token_sizes,
-                                                    self.device, self.decode_graphs.pool)
+        logger.info("Capturing piecewise CUDA graphs (%d pieces, split at attention) for token counts %s",
+                    len(self.attention_layers) + 1, token_sizes)
+        self.piecewise_graphs = PiecewiseGraphs(self.model.model, self.attention_layers, token_sizes, self.device,
+                                                self.decode_graphs.pool)
         logger.info("Captured %d CUDA graphs - %s", self.num_cuda_graphs, memory_summary(self.device))
