@@ -4,6 +4,7 @@ backend.
 Backends: "torch" (exact, any device: the CPU path), "triton" (the in-tree kernels: the CUDA default),
 "flash-attn" (optional, when importable). The runner picks one per engine with :func:`select_backend`.
 """
+import functools
 import importlib.util
 import inspect
 import logging
@@ -79,7 +80,7 @@ class Attention(nn.Module):
     def _prefill(self, q, k, v, ctx) -> torch.Tensor:
         if not self.k_cache.numel():  # warm-up before the cache exists
             if _use_varlen(q):
-                return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
+                return _varlen_attn()(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
             return reference.varlen_attention_ref(q, k, v, ctx.cu_seqlens_q, self.scale)
         if self.backend == "flash-attn":
             from flash_attn import flash_attn_varlen_func
@@ -88,7 +89,7 @@ class Attention(nn.Module):
                                           ctx.max_seqlen_q, ctx.max_seqlen_k, softmax_scale=self.scale,
                                           causal=True, block_table=ctx.block_tables)
         if self.backend == "triton" and not ctx.has_cached_prefix and _use_varlen(q):
-            return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
+            return _varlen_attn()(q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale)
         prefill = reference.paged_prefill_attention_ref
         if self.backend == "triton":
             from engine.kernels.triton_attention import paged_prefill_attention as prefill
@@ -102,7 +103,7 @@ class Attention(nn.Module):
 
 def _use_varlen(q: torch.Tensor) -> bool:
     """torch's varlen FlashAttention serves uncached CUDA prefills in fp16/bf16 (it has no fp32 kernel)."""
-    return _varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
 
 
 def _store(backend: str):
@@ -127,9 +128,11 @@ def _decode(backend: str):
     return reference.paged_decode_attention_ref
 
 
-def _find_varlen_attn():
+@functools.cache
+def _varlen_attn():
     """Causal packed prefill through ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention inside
-    torch >= 2.10), adapting to its keyword changes across torch versions; None when absent."""
+    torch >= 2.10), adapting to its keyword changes across torch versions; None when absent. Imported at the first
+    CUDA prefill: the module imports ``torch._dynamo``, 1.7 s of every start of a CPU engine otherwise."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -147,5 +150,3 @@ def _find_varlen_attn():
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **kwargs)
     return run
 
-
-_varlen_attn = _find_varlen_attn()
