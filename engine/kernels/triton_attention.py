@@ -93,8 +93,8 @@ def _attend_keys(q, k_base, v_base, block_table, start, end, qk_scale, stride_cb
 
 # Split counts are runtime arguments (not specialised), so the batch sizes captured in CUDA graphs share one
 # compiled kernel instead of compiling one per split count at startup. So is the block-table stride (the widest
-# row's block count, which changes from step to step in eager steps): Triton would otherwise compile a variant
-# whenever it crosses 1 or a multiple of 16, a ~1 s stall in the middle of a run.
+# row's block count, which changes from step to step in eager steps): Triton would otherwise compile a new variant
+# in the middle of a run whenever it becomes 1 or a multiple of 16, or stops being one.
 @triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_bt"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, shared_blocks_ptr,
                          out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits, num_slots,
