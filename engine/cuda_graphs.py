@@ -63,7 +63,8 @@ def capture(run: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
 
 class DecodeGraphs:
     """One graph of the whole model per decode batch size, reading its inputs from static buffers; sizes that may
-    use cascade attention (``cascade(size)``) are captured twice, with and without it."""
+    use cascade attention (``cascade(size)``) are captured twice, with and without it. ``pool``: their memory pool,
+    which the piecewise graphs share."""
 
     def __init__(self, model: nn.Module, sizes: list[int], max_blocks: int, hidden_size: int, dtype: torch.dtype,
                  device: torch.device, cascade: Callable[[int], bool], pool=None):
@@ -139,7 +140,6 @@ class PiecewiseGraphs:
                 self.graphs[size].append(graph)
             torch.cuda.synchronize(device)
             reset_context()
-        self.pool = pool
 
     def __len__(self) -> int:
         return sum(map(len, self.graphs.values()))

@@ -61,14 +61,29 @@ def recording(graphs, replays: list):
     return run
 
 
+ODD_SHAPES = {  # GQA group 5 with head_dim 80, group 7 with head_dim 96; hidden sizes not powers of two
+    "llama_10_2_80": ("llama", dict(num_attention_heads=10, num_key_value_heads=2, head_dim=80, hidden_size=240,
+                                    intermediate_size=400)),
+    "qwen3_7_1_96": ("qwen3", dict(num_attention_heads=7, num_key_value_heads=1, head_dim=96, hidden_size=224,
+                                   intermediate_size=352)),
+}
+
+
+@pytest.fixture(scope="module")
+def odd_shapes(tmp_path_factory) -> dict[str, str]:
+    from engine.demo import build_tiny_model
+    return {name: build_tiny_model(str(tmp_path_factory.mktemp(name)), arch, **shape)
+            for name, (arch, shape) in ODD_SHAPES.items()}
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
-@pytest.mark.parametrize("model", ["qwen3", "llama_9_heads"])
-def test_graph_replays_match_hf(tiny_models, llama_9_heads, model, async_scheduling, monkeypatch):
+@pytest.mark.parametrize("model", ["qwen3", "llama_9_heads", *ODD_SHAPES])
+def test_graph_replays_match_hf(tiny_models, llama_9_heads, odd_shapes, model, async_scheduling, monkeypatch):
     """Chunked prompts mixed with decodes through the piecewise path (steps padded up to 24 or 32 tokens),
     decode-only steps through the decode path (padded to 1, 2, 4, 8 rows), prefix hits, greedy == HF."""
     monkeypatch.setattr(cuda_graphs, "capture", Rerun)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    path = llama_9_heads if model == "llama_9_heads" else tiny_models[model]
+    path = {"llama_9_heads": llama_9_heads, **odd_shapes}.get(model) or tiny_models[model]
     llm = LLM(path, device="cpu", kvcache_block_size=BS, max_model_len=512, max_num_batched_tokens=BUDGET,
               max_num_seqs=7, async_scheduling=async_scheduling)
     runner = install_graphs(llm, [24, BUDGET])
