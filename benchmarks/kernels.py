@@ -157,6 +157,25 @@ def deep_queue_decode(gen: torch.Generator, copy_gbs: float) -> list[dict]:
     return rows
 
 
+def uneven_decode(gen: torch.Generator) -> list[dict]:
+    """Batches whose programs are few or uneven, at the engine's block size (128), against split counts: W1's
+    shrinking tail (16-256 rows of contexts 600-2,048) and W6's mix (short rows beside 16k-24k-token rows)."""
+    def lens(n: int, lo: int, hi: int) -> list[int]:
+        return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    cases = {f"tail{n}": lens(n, 600, 2048) for n in (16, 32, 64, 96, 128, 192, 256)}
+    cases["w6_512+32long"] = lens(512, 100, 2048) + lens(32, 16384, 24576)
+    cases["w6_128+32long"] = lens(128, 100, 2048) + lens(32, 16384, 24576)
+    cases["w6_32long"] = lens(32, 16384, 24576)
+    configs = {"default": None} | {f"splits{k}": DecodeConfig(num_splits=k) for k in (1, 2, 3, 4, 6, 8, 12, 16)}
+    rows = []
+    for label, case in cases.items():
+        for name, (ms, _) in time_decode(case, 128, gen, configs).items():
+            rows.append(dict(batch=len(case), ctx=label, config=name, ms=ms, kv_gb_s=kv_bytes(case) / ms / 1e6))
+            print(f"  uneven {rows[-1]}", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def read_bandwidth() -> float:
     """GB/s of reading 4 GiB once (a sum), the ceiling of a kernel that only reads."""
     src = torch.randn(2 ** 31, dtype=DTYPE, device="cuda")
@@ -233,6 +252,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time alternative configs")
     parser.add_argument("--deep-queue", action="store_true",
                         help="only decode at W5's steady state (1,008 rows), with a config sweep")
+    parser.add_argument("--uneven", action="store_true",
+                        help="only decode of few or uneven rows (W1's tail, W6's mix) against split counts")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA")
@@ -245,6 +266,13 @@ def main() -> None:
     result["copy_gb_s"] = copy_bandwidth()
     print(f"device-to-device copy: {result['copy_gb_s']:.0f} GB/s (read + write)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.uneven:
+        result["read_gb_s"] = read_bandwidth()
+        result["decode"] = uneven_decode(gen)
+        args.out.write_text(json.dumps(result, indent=1))
+        print_table(f"uneven decode (read ceiling {result['read_gb_s']:.0f} GB/s)", result["decode"],
+                    ["batch", "ctx", "config", "ms", "kv_gb_s"])
+        return
     if args.deep_queue:
         result["read_gb_s"] = read_bandwidth()
         result["decode"] = deep_queue_decode(gen, result["copy_gb_s"])

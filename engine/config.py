@@ -18,6 +18,7 @@ class Config:
     max_model_len: int = 4096
     max_num_seqs: int | None = None  # running sequences at most; None: fitted to the KV cache (default_max_num_seqs)
     max_num_batched_tokens: int = 16384  # tokens forwarded per step; longer prompts are prefilled in chunks
+    max_prefill_tokens_with_decodes: int | None = None  # prompt tokens in a step with decode rows; None: no cap
     gpu_memory_utilization: float = 0.9
     kvcache_block_size: int = 128
     enable_prefix_caching: bool = True
@@ -39,6 +40,8 @@ class Config:
              "must be an int >= 1"),
             ("max_model_len", self.max_model_len >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
+            ("max_prefill_tokens_with_decodes", self.max_prefill_tokens_with_decodes is None
+             or self.max_prefill_tokens_with_decodes >= 1, "must be None or >= 1"),
             ("max_num_seqs", self.max_num_seqs is None or 1 <= self.max_num_seqs <= self.max_num_batched_tokens,
              f"must be None or from 1 to max_num_batched_tokens={self.max_num_batched_tokens} (every running "
              "sequence's decode token must fit in one step)"),

@@ -1,7 +1,9 @@
 """Chooses each step's batch under one token budget (``max_num_batched_tokens``): first one decode token for
 every running sequence that has sampled, then the next chunks of running sequences still prefilling, then
 waiting prompts (whole, or a first chunk when the budget left is smaller). A prompt longer than the budget is
-thus prefilled over several steps. Prompt chunks next to other rows leave PREFILL_WATERMARK of the KV cache
+thus prefilled over several steps. In a step with decode rows, prompt tokens can be capped
+(``max_prefill_tokens_with_decodes``), so that a long prompt's chunks, whose attention reads its whole prefix, do
+not stall the decoding sequences beside them for long. Prompt chunks next to other rows leave PREFILL_WATERMARK of the KV cache
 free, so the decoding sequences can grow into it; when the cache still runs out, the newest sequences not yet in
 the batch are preempted and later recomputed. ``max_num_seqs`` bounds the running set.
 
@@ -27,6 +29,7 @@ class Scheduler:
     def __init__(self, config: Config, num_blocks: int, eos_token_ids: set[int]):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_prefill_tokens_with_decodes = config.max_prefill_tokens_with_decodes or config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
@@ -49,6 +52,8 @@ class Scheduler:
             (decoding if seq.is_decoding else prefilling).append(seq)
         budget = self._schedule_running(out, decoding, self.max_num_batched_tokens)
         out.num_decode_rows = out.num_rows
+        if out.num_decode_rows:
+            budget = min(budget, self.max_prefill_tokens_with_decodes)
         budget = self._schedule_running(out, prefilling, budget, chunks=True)
         if not out.num_preempted:
             self._schedule_waiting(out, budget)

@@ -15,7 +15,8 @@ DEVICES = ("auto", "cuda", "cpu")
 SAMPLE_INPUT = "sample"
 # LLM(...) keyword arguments that --engine-arg may set; the rest have flags of their own.
 ENGINE_ARGS = ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
-               "kvcache_block_size", "enable_prefix_caching", "dtype", "seed", "num_kvcache_blocks")
+               "kvcache_block_size", "enable_prefix_caching", "dtype", "seed", "num_kvcache_blocks",
+               "max_prefill_tokens_with_decodes")
 # Settings that change what a row's result is: a resumed job must use the same ones (see manifest).
 RESULT_SETTINGS = ("model", "prompt_column", "max_tokens", "temperature", "top_p", "max_model_len", "split")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

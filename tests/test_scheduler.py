@@ -15,6 +15,7 @@ BS = 16
 class FakeConfig:
     max_num_seqs = 8
     max_num_batched_tokens = 64
+    max_prefill_tokens_with_decodes = None
     max_model_len = 256
     kvcache_block_size = BS
     enable_prefix_caching = True
@@ -59,6 +60,21 @@ def test_one_budget_decodes_first_then_chunks_then_waiting():
     assert rows(out) == [(a.seq_id, 31, 1, True), (b.seq_id, 97, 3, True), (c.seq_id, 0, 20, True)]
     out = step(sch)
     assert out.is_decode_only and out.phase == "decode" and [r[2] for r in rows(out)] == [1, 1, 1]
+
+
+def test_prefill_cap_applies_only_beside_decodes():
+    sch = make(max_prefill_tokens_with_decodes=16)
+    a, b, c = seq(30), seq(100, first=100), seq(20, first=300)
+    sch.add(a)
+    sch.add(b)
+    out = step(sch)                                # no decode rows yet: the whole budget (30 + 34)
+    assert rows(out) == [(a.seq_id, 0, 30, True), (b.seq_id, 0, 34, False)]
+    sch.add(c)
+    out = step(sch)                                # a decodes: b's chunk is capped at 16 tokens, c waits
+    assert rows(out) == [(a.seq_id, 30, 1, True), (b.seq_id, 34, 16, False)]
+    while b.num_computed_tokens < 100:
+        out = step(sch)
+        assert out.num_decode_rows and out.total_num_scheduled_tokens - out.num_decode_rows <= 16
 
 
 def test_prompt_longer_than_budget_completes_in_chunks():
