@@ -101,7 +101,7 @@ class ModelRunner:
         self.model.eval()
         logger.info("After model loading - %s", memory_summary(self.device))
         self.sampler = Sampler(config.seed)
-        self._sampling_cache: tuple[list[int], SamplingBatch, list[int], list[int]] | None = None
+        self._sampling_cache: tuple[list[int], SamplingBatch, list[int], list[int], np.ndarray] | None = None
         self._bitmask = None  # engine.structured.TokenBitmask, from the first constrained step on
         self.eos_token_ids: list[int] = []  # held back by min_tokens; set by the engine
         # The latest step's sampled tokens on the device and the row of each sequence in them (rank 0).
@@ -310,21 +310,29 @@ class ModelRunner:
     def _sampling_settings(self, batch: SchedulerOutput, seqs: list[Sequence]
                            ) -> tuple[SamplingBatch, list[int], list[int]]:
         """The settings tensors, and the rows with logits processors and with a grammar; reused while the
-        sampling sequences are unchanged (seeded rows need fresh positions)."""
+        sampling sequences are unchanged. Seeded rows need their output positions: when each moved on by one
+        (decode steps), the cached device positions are stepped in place (queued after the sampling that read
+        them) instead of rebuilding every tensor."""
         key = [s.seq_id for s in seqs]
-        if self._sampling_cache is not None and self._sampling_cache[0] == key \
-                and not self._sampling_cache[1].any_seeded:
-            return self._sampling_cache[1:]
+        cache = self._sampling_cache
+        if cache is not None and cache[0] == key:
+            sampling = cache[1]
+            if not sampling.any_seeded:
+                return cache[1:4]
+            positions = self._output_positions(batch, seqs)
+            if np.array_equal(positions, cache[4] + 1):
+                sampling.positions.add_(1)
+                self._sampling_cache = (*cache[:4], positions)
+                return cache[1:4]
         params = [s.params for s in seqs]
-        ends = [c + n for c, n, sample in zip(batch.num_computed_tokens, batch.num_scheduled_tokens, batch.sample)
-                if sample]
+        positions = self._output_positions(batch, seqs)
         floats = np.array([[p.temperature for p in params], [p.top_p for p in params],
                            [p.min_p for p in params]], dtype=np.float32)
         ints = np.array([[p.top_k for p in params], [-1 if p.seed is None else p.seed for p in params],
-                         [end - s.num_prompt_tokens for end, s in zip(ends, seqs)]], dtype=np.int64)
+                         positions], dtype=np.int64)
         temps, top_ps, min_ps = self._upload(floats, dtype=np.float32)[0]
-        top_ks, seeds, positions = self._upload(ints)[0]
-        sampling = SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, positions,
+        top_ks, seeds, device_positions = self._upload(ints)[0]
+        sampling = SamplingBatch(temps, top_ks, top_ps, min_ps, seeds, device_positions,
                                  all_greedy=not floats[0].any(), any_greedy=not floats[0].all(),
                                  use_top_k_top_p=bool((ints[0] > 0).any() or (floats[1] < 1).any()),
                                  use_min_p=bool(floats[2].any()), any_seeded=bool((ints[1] >= 0).any()))
@@ -335,8 +343,15 @@ class ModelRunner:
             sampling.num_logprobs = max(params[i].logprobs for i in logprob_rows)
         processed = [i for i, p in enumerate(params) if needs_processing(p)]
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
-        self._sampling_cache = (key, sampling, processed, constrained)
+        self._sampling_cache = (key, sampling, processed, constrained, positions)
         return sampling, processed, constrained
+
+    @staticmethod
+    def _output_positions(batch: SchedulerOutput, seqs: list[Sequence]) -> np.ndarray:
+        """Each sampling row's output position: how many tokens its sequence generated before this one."""
+        ends = [c + n for c, n, sample in zip(batch.num_computed_tokens, batch.num_scheduled_tokens, batch.sample)
+                if sample]
+        return np.array([end - s.num_prompt_tokens for end, s in zip(ends, seqs)], dtype=np.int64)
 
     # ----- forward --------------------------------------------------------------------------------
     def run(self, batch: SchedulerOutput) -> SampledTokens | None:

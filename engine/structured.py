@@ -22,6 +22,7 @@ from engine.logger import get_logger
 
 logger = get_logger(__name__)
 COMPILE_THREADS = 2
+FILL_THREADS: int | str = "auto"  # xgrammar's threads filling a step's bitmask; "auto": half the cores
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
@@ -101,7 +102,7 @@ class TokenBitmask:
     def __init__(self, vocab_size: int, device: torch.device):
         import xgrammar as xgr
         self.vocab_size, self.device = vocab_size, device
-        self._filler = xgr.BatchGrammarMatcher()
+        self._filler = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._host = self._device = torch.empty(0, 0, dtype=torch.int32)
         self._host_rows = self._device_rows = torch.empty(0, dtype=torch.int32)
@@ -133,6 +134,9 @@ class TokenBitmask:
         self._host, self._device = host.pin_memory(), torch.empty_like(host, device=self.device)
         self._host_rows = torch.empty(host.shape[0], dtype=torch.int32, pin_memory=True)
         self._device_rows = torch.empty(host.shape[0], dtype=torch.int32, device=self.device)
+        # The new device buffers come from the compute stream's pool: memory that work already queued there (the
+        # forward pass in flight) may still use. The side stream must not write them before that work is done.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int] | torch.Tensor]) -> torch.Tensor:

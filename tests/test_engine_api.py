@@ -49,6 +49,24 @@ def test_seeded_sampling_reproducible_and_result_fields(llm):
     assert 0 < r["ttft_s"] <= r["latency_s"] and r["num_prompt_tokens"] == len(llm.tokenizer.encode("a story"))
 
 
+def test_seeded_positions_stepped_in_place_equal_rebuilt(llm):
+    """Decode steps step the cached seeded positions on the device; rebuilding them every step gives the same
+    tokens (rows finish at different steps, so both paths run)."""
+    params = [SamplingParams(temperature=1.0, max_tokens=n, seed=s, ignore_eos=True)
+              for n, s in ((12, 1), (5, 2), (9, 3))]
+    prompts = ["a story", "a song", "the river"]
+    stepped = llm.generate(prompts, params, use_tqdm=False)
+    runner = llm.model_runner
+    calls = []
+    rebuild = lambda record: (calls.append(1), setattr(runner, "_sampling_cache", None))  # noqa: E731
+    llm.step_callbacks.append(rebuild)
+    try:
+        rebuilt = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.step_callbacks.remove(rebuild)
+    assert len(calls) >= 12 and [r["token_ids"] for r in stepped] == [r["token_ids"] for r in rebuilt]
+
+
 def test_chat_prompt_uses_template(llm):
     msgs = [{"role": "user", "content": "hello"}]
     ids = llm.encode_prompt(msgs)

@@ -1,0 +1,85 @@
+"""Where the host's time goes in the engine's steps (CUDA): 256 rows x 256 tokens (by default) of Qwen3-0.6B's shape, plain and
+under a JSON schema, with per-step totals of the engine's host phases (wall time, not synchronised: the device runs
+on meanwhile) and of the time spent waiting for sampled tokens. A step whose wait is near zero is bound by the host.
+
+    python benchmarks/host_profile.py [--model-dir /tmp/qwen3-0.6b-random] [--runs 3] [--fill-threads auto,4,15]
+
+Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``_sample_deferred`` includes
+``_prepare_sampling``, which makes the sampling settings and fills the grammar bitmask), so their times do not add up to the step.
+"""
+import argparse
+import collections
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.throughput import OUT_SCHEMA, TOKEN_RANGE, build_checkpoint, text_checkpoint  # noqa: E402
+from engine import LLM, SamplingParams, structured  # noqa: E402
+from engine.model_runner import SampledTokens  # noqa: E402
+
+PHASES = {"engine": ("_launch_ahead", "_sample_deferred", "_advance_grammars", "_admit_compiled", "_record_logprobs",
+                     "_apply_stop_strings"),
+          "scheduler": ("schedule", "postprocess"), "runner": ("forward", "launch", "_prepare_sampling", "_sampling_settings", "_grammar_bitmask")}
+
+
+def timed(totals: dict, name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+    return wrapper
+
+
+def instrument(llm: LLM, totals: dict) -> None:
+    owners = {"engine": llm, "scheduler": llm.scheduler, "runner": llm.model_runner}
+    for owner, names in PHASES.items():
+        for name in names:
+            setattr(owners[owner], name, timed(totals, name, getattr(owners[owner], name)))
+    SampledTokens.tolist = timed(totals, "wait_for_tokens", SampledTokens.tolist)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-random")
+    ap.add_argument("--runs", type=int, default=2, help="runs of each variant after a warm-up of each")
+    ap.add_argument("--fill-threads", default="auto", help="comma-separated xgrammar fill threads to compare")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=256, help="prompt and output tokens of each row")
+    args = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable", flush=True)
+    llm = LLM(text_checkpoint(build_checkpoint(args.model_dir)), max_model_len=4096)
+    totals: dict[str, float] = collections.defaultdict(float)
+    instrument(llm, totals)
+    rng = random.Random(3)
+    prompts = [[rng.randint(0, TOKEN_RANGE) for _ in range(args.tokens)] for _ in range(args.rows)]
+    variants = [("plain", {}, None)] + [(f"json_schema ({t} fill threads)", dict(json_schema=OUT_SCHEMA), t)
+                                        for t in args.fill_threads.split(",")]
+    for run in range(args.runs + 1):
+        for name, extra, threads in variants:
+            if threads is not None:  # a fresh bitmask filler with these threads
+                structured.FILL_THREADS = threads if threads == "auto" else int(threads)
+                llm.model_runner._bitmask = None
+            for i, prompt in enumerate(prompts):
+                llm.add_request([(t + 997 * run) % 100000 for t in prompt],
+                                SamplingParams(temperature=0.6, max_tokens=args.tokens, ignore_eos=True, seed=i, **extra))
+            totals.clear()
+            walls = []
+            while not llm.is_finished():
+                start = time.perf_counter()
+                llm.step()
+                walls.append(time.perf_counter() - start)
+            if run:
+                full = sorted(walls[20:200])  # full-batch decode steps
+                print(f"{name}: {len(walls)} steps, median full-batch step {1e3 * full[len(full) // 2]:.2f} ms; "
+                      "per step (ms): " + ", ".join(f"{k} {1e3 * v / len(walls):.2f}"
+                                                   for k, v in sorted(totals.items(), key=lambda kv: -kv[1])),
+                      flush=True)
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
