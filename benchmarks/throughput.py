@@ -137,6 +137,7 @@ StepRow = collections.namedtuple("StepRow", "phase step_time_s num_decode_seqs n
 
 
 STEPS_DIR: str | None = None  # --steps-dir: each workload's step records of its last run, as JSON
+ENGINE_ARGS: dict = {}        # --engine-arg: extra LLM arguments for W1, W5, W1-HF's engine run, W2, W3, W4 and LOG
 
 
 def dump_steps(name: str, records: list) -> None:
@@ -177,7 +178,7 @@ def engine_rate(llm: LLM, requests: list[Request], timed_runs: int = 3, name: st
                 runs_tok_per_s=rates, step_mix=step_mix(records))
 
 
-def w6_with_latency(llm: LLM) -> dict:
+def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
     """W6 through the step API, timing every token of the short rows (inter-token latency)."""
     requests = fresh(w6(), 1)
     prompts, params = as_engine(requests)
@@ -197,7 +198,7 @@ def w6_with_latency(llm: LLM) -> dict:
                     gaps += [(now - last_seen[seq_id]) / len(new)] * len(new)
                 last_seen[seq_id] = now
     wall = time.perf_counter() - start
-    dump_steps("W6", records)
+    dump_steps(name, records)
     gaps.sort()
     p50, p99 = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)]
     return dict(generated_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall, short_itl_p50_ms=1e3 * p50,
@@ -248,8 +249,9 @@ def run_hf(path: str, requests: list[Request]) -> dict:
                 tok_per_s=tokens / wall)
 
 
-def run_w5_job(path: str) -> dict:
-    """W5 through the batch job (its own process, one GPU actor), timed from launch."""
+def run_w5_job(path: str, env: dict[str, str] | None = None) -> dict:
+    """W5 through the batch job (its own process, one GPU actor, ``env`` added to its environment), timed from
+    launch."""
     from benchmarks.dataset import write_dataset
     work = tempfile.mkdtemp(prefix="w5-job-")
     data, out = os.path.join(work, "w5.parquet"), os.path.join(work, "out")
@@ -257,7 +259,7 @@ def run_w5_job(path: str) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, "jobs", "offline_batch.py"), "--input", data, "--model", path,
            "--device", "cuda", "--temperature", "0.6", "--output", out]
     launched = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, **(env or {})})
     wall = time.time() - launched
     import pyarrow.parquet as pq
     steps = pq.read_table(os.path.join(out, "steps.parquet")).to_pydict()
@@ -287,7 +289,7 @@ def run_vllm(path: str, workloads: list[str]) -> dict:
 def run_engine_workloads(path: str, wanted: list[str], res: Results, timed_runs: int) -> None:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    llm = LLM(path, max_model_len=4096)
+    llm = LLM(path, max_model_len=4096, **ENGINE_ARGS)
     res.record("W4", dict(startup_s=time.perf_counter() - start, kv_blocks=llm.model_runner.num_blocks,
                      kv_block_size=llm.config.kvcache_block_size, max_num_seqs=llm.config.max_num_seqs,
                      kv_cache_gb=llm.model_runner.kv_cache.numel() * 2 / 2**30,
@@ -302,17 +304,19 @@ def run_engine_workloads(path: str, wanted: list[str], res: Results, timed_runs:
     if "W3" in wanted:
         on = prefix_heavy(llm)
         free(llm)
-        llm = LLM(path, max_model_len=4096, enable_prefix_caching=False)
+        llm = LLM(path, max_model_len=4096, **{**ENGINE_ARGS, "enable_prefix_caching": False})
         off = prefix_heavy(llm)
         res.record("W3", dict(on=on, off=off, speedup=on["tok_per_s"] / off["tok_per_s"]))
     res.record("peak_gpu_memory_gb", torch.cuda.max_memory_allocated() / 2**30)
     free(llm)
 
 
-def run_w6(path: str) -> dict:
-    llm = LLM(path, max_model_len=W6_MAX_MODEL_LEN)
+def run_w6(path: str, prefill_cap: int | None = None) -> dict:
+    """W6 after a warm-up; ``prefill_cap`` is the engine's ``max_prefill_tokens_with_decodes`` (None: its default)."""
+    cap = {} if prefill_cap is None else dict(max_prefill_tokens_with_decodes=prefill_cap)
+    llm = LLM(path, max_model_len=W6_MAX_MODEL_LEN, **cap)
     timed_generate(llm, fresh(w6()[28:40], 90))  # warm-up: long-prompt chunks and mixed steps
-    result = w6_with_latency(llm)
+    result = w6_with_latency(llm, f"W6-cap{prefill_cap}" if cap else "W6")
     free(llm)
     return result
 
@@ -364,22 +368,33 @@ def main() -> None:
     ap.add_argument("--baseline", choices=["vllm"], default=None, help="also run W1, W5, W6 through vLLM")
     ap.add_argument("--runs", type=int, default=3, help="timed runs of W1, W5 and W1-HF (the median is reported)")
     ap.add_argument("--steps-dir", default=None, help="write each workload's step records (last run) here")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="NAME=INT",
+                    help="an extra integer engine argument for the W1/W5/W2/W3/W4/LOG engine (repeatable)")
+    ap.add_argument("--job-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="run W5-job once per occurrence, with these variables in its environment (none: once as is)")
+    ap.add_argument("--w6-prefill-caps", default="", help="also run W6 with these max_prefill_tokens_with_decodes "
+                    "(comma-separated)")
     args = ap.parse_args()
     global STEPS_DIR
     STEPS_DIR = args.steps_dir
+    ENGINE_ARGS.update((name, int(value)) for name, value in (arg.split("=", 1) for arg in args.engine_arg))
     wanted = args.workloads.split(",")
     configure("WARNING")
     path = build_checkpoint(args.model_dir)
     res = Results(args.out, device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  date=time.strftime("%Y-%m-%d %H:%M:%S"), engine_args=ENGINE_ARGS)
     if "HF" in wanted:
         res.record("W1-HF", run_hf(path, w1_hf()))
     if ENGINE_WORKLOADS & set(wanted):
         run_engine_workloads(path, wanted, res, args.runs)
     if "W6" in wanted:
         res.record("W6", run_w6(path))
+        for cap in filter(None, args.w6_prefill_caps.split(",")):
+            res.record(f"W6-cap{cap}", run_w6(path, int(cap)))
     if "JOB" in wanted:
-        res.record("W5-job", run_w5_job(path))
+        for i, env in enumerate(args.job_env or [""]):  # W5-job, W5-job#1 <env>, ...
+            res.record(f"W5-job#{i} {env}".strip() if i else "W5-job",
+                       run_w5_job(path, dict(v.split("=", 1) for v in env.split(",") if v)))
     if "OUT" in wanted:
         res.record("OUT", output_options(path))
     if args.baseline == "vllm":
@@ -403,10 +418,10 @@ def print_table(res: dict) -> None:
         ours, hf = res["W1-HF-engine"]["tok_per_s"], res["W1-HF"]["tok_per_s"]
         print(f"| W1-HF tok/s (32 prompts x 256 tokens; HF generate_batch) | {ours:.0f} | HF {hf:.0f} | "
               f"{ours / hf:.1f}x |")
-    if "W5-job" in res:
-        j = res["W5-job"]
-        print(f"| W5-job tok/s end to end / steps | {j['tok_per_s_end_to_end']:.0f} / {j['tok_per_s_steps']:.0f} "
-              f"(first result {j['first_result_s']:.1f} s) | - | - |")
+    for name in (k for k in res if k.startswith("W5-job")):
+        j = res[name]
+        print(f"| {name} tok/s end to end / steps | {j['tok_per_s_end_to_end']:.0f} / {j['tok_per_s_steps']:.0f} "
+              f"(first step {j['first_step_s']:.1f} s, first result {j['first_result_s']:.1f} s) | - | - |")
     if "W2" in res:
         print(f"| W2 decode latency (ms/token) | {res['W2']['ms_per_token']:.2f} | - | - |")
     if "W3" in res:

@@ -365,3 +365,17 @@ def test_a_stopped_driver_exits_cleanly_and_prints_how_to_resume(ray_cluster, tm
         assert main(shlex.split(command)[2:]) == 0  # the printed command finishes the job
         assert_each_id_once(read_results(out), 64)
         assert {name: _snapshot(out)[name] for name in before} == before
+
+
+def test_local_cluster_starts_without_prestarted_workers_unless_asked(monkeypatch):
+    """The raylet a job starts reads RAY_prestart_worker_first_driver from the driver's environment: off by
+    default (the job's actors are its only workers), a value the caller set is kept."""
+    import pipeline.driver as driver
+    seen = []
+    monkeypatch.setattr(driver.ray, "init", lambda **_: seen.append(os.environ.get("RAY_prestart_worker_first_driver")))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_prestart_worker_first_driver", raising=False)
+    driver.connect_ray(None)
+    monkeypatch.setenv("RAY_prestart_worker_first_driver", "1")
+    driver.connect_ray(None)
+    assert seen == ["0", "1"]
