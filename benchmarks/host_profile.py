@@ -1,11 +1,13 @@
-"""Where the host's time goes in the engine's steps (CUDA): 256 rows x 256 tokens (by default) of Qwen3-0.6B's shape, plain and
-under a JSON schema, with per-step totals of the engine's host phases (wall time, not synchronised: the device runs
-on meanwhile) and of the time spent waiting for sampled tokens. A step whose wait is near zero is bound by the host.
+"""Where the host's time goes in the engine's steps (CUDA): 256 rows x 256 tokens (by default) of Qwen3-0.6B's
+shape, plain and under a JSON schema, with per-step totals of the engine's host phases (wall time, not
+synchronised: the device runs on meanwhile) and of the time spent waiting for sampled tokens. A step whose wait is
+near zero is bound by the host.
 
     python benchmarks/host_profile.py [--model-dir /tmp/qwen3-0.6b-random] [--runs 3] [--fill-threads auto,4,15]
 
 Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``_sample_deferred`` includes
-``_prepare_sampling``, which makes the sampling settings and fills the grammar bitmask), so their times do not add up to the step.
+``_prepare_sampling``, which makes the sampling settings and fills the grammar bitmask), so their times do not add
+up to the step.
 """
 import argparse
 import collections
@@ -21,7 +23,8 @@ from engine.model_runner import SampledTokens  # noqa: E402
 
 PHASES = {"engine": ("_launch_ahead", "_sample_deferred", "_advance_grammars", "_admit_compiled", "_record_logprobs",
                      "_apply_stop_strings"),
-          "scheduler": ("schedule", "postprocess"), "runner": ("forward", "launch", "_prepare_sampling", "_sampling_settings", "_grammar_bitmask")}
+          "scheduler": ("schedule", "postprocess"),
+          "runner": ("forward", "launch", "_prepare_sampling", "_sampling_settings", "_grammar_bitmask")}
 
 
 def timed(totals: dict, name: str, fn):
@@ -64,8 +67,8 @@ def main() -> None:
                 structured.FILL_THREADS = threads if threads == "auto" else int(threads)
                 llm.model_runner._bitmask = None
             for i, prompt in enumerate(prompts):
-                llm.add_request([(t + 997 * run) % 100000 for t in prompt],
-                                SamplingParams(temperature=0.6, max_tokens=args.tokens, ignore_eos=True, seed=i, **extra))
+                params = SamplingParams(temperature=0.6, max_tokens=args.tokens, ignore_eos=True, seed=i, **extra)
+                llm.add_request([(t + 997 * run) % 100000 for t in prompt], params)
             totals.clear()
             walls = []
             while not llm.is_finished():

@@ -72,6 +72,17 @@ class SampledTokens:
         return self.host.tolist()
 
 
+@dataclass
+class SamplingSettings:
+    """The sampling settings made for one set of sampling sequences (``seq_ids``, in row order), kept while the
+    next steps sample the same sequences; ``positions`` are the seeded rows' output positions on the host."""
+    seq_ids: list[int]
+    sampling: SamplingBatch
+    processed: list[int]    # rows with logits processors
+    constrained: list[int]  # rows with a grammar
+    positions: np.ndarray
+
+
 def block_table_array(block_tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Block tables padded with 0 into one ``[rows, max_blocks]`` array, and each row's length."""
     lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
@@ -101,7 +112,7 @@ class ModelRunner:
         self.model.eval()
         logger.info("After model loading - %s", memory_summary(self.device))
         self.sampler = Sampler(config.seed)
-        self._sampling_cache: tuple[list[int], SamplingBatch, list[int], list[int], np.ndarray] | None = None
+        self._sampling_cache: SamplingSettings | None = None
         self._bitmask = None  # engine.structured.TokenBitmask, from the first constrained step on
         self.eos_token_ids: list[int] = []  # held back by min_tokens; set by the engine
         # The latest step's sampled tokens on the device and the row of each sequence in them (rank 0).
@@ -315,15 +326,14 @@ class ModelRunner:
         them) instead of rebuilding every tensor."""
         key = [s.seq_id for s in seqs]
         cache = self._sampling_cache
-        if cache is not None and cache[0] == key:
-            sampling = cache[1]
-            if not sampling.any_seeded:
-                return cache[1:4]
+        if cache is not None and cache.seq_ids == key:
+            if not cache.sampling.any_seeded:
+                return cache.sampling, cache.processed, cache.constrained
             positions = self._output_positions(batch, seqs)
-            if np.array_equal(positions, cache[4] + 1):
-                sampling.positions.add_(1)
-                self._sampling_cache = (*cache[:4], positions)
-                return cache[1:4]
+            if np.array_equal(positions, cache.positions + 1):
+                cache.sampling.positions.add_(1)
+                cache.positions = positions
+                return cache.sampling, cache.processed, cache.constrained
         params = [s.params for s in seqs]
         positions = self._output_positions(batch, seqs)
         floats = np.array([[p.temperature for p in params], [p.top_p for p in params],
@@ -343,7 +353,7 @@ class ModelRunner:
             sampling.num_logprobs = max(params[i].logprobs for i in logprob_rows)
         processed = [i for i, p in enumerate(params) if needs_processing(p)]
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
-        self._sampling_cache = (key, sampling, processed, constrained, positions)
+        self._sampling_cache = SamplingSettings(key, sampling, processed, constrained, positions)
         return sampling, processed, constrained
 
     @staticmethod

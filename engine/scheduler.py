@@ -3,9 +3,9 @@ every running sequence that has sampled, then the next chunks of running sequenc
 waiting prompts (whole, or a first chunk when the budget left is smaller). A prompt longer than the budget is
 thus prefilled over several steps. In a step with decode rows, prompt tokens can be capped
 (``max_prefill_tokens_with_decodes``), so that a long prompt's chunks, whose attention reads its whole prefix, do
-not stall the decoding sequences beside them for long. Prompt chunks next to other rows leave PREFILL_WATERMARK of the KV cache
-free, so the decoding sequences can grow into it; when the cache still runs out, the newest sequences not yet in
-the batch are preempted and later recomputed. ``max_num_seqs`` bounds the running set.
+not stall the decoding sequences beside them for long. Prompt chunks next to other rows leave PREFILL_WATERMARK of
+the KV cache free, so the decoding sequences can grow into it; when the cache still runs out, the newest sequences
+not yet in the batch are preempted and later recomputed. ``max_num_seqs`` bounds the running set.
 
 With async scheduling the engine asks for the next batch while the current step still runs on the device:
 its sequences then hold a *pending* token, counted in their length but not yet known (the runner feeds it to

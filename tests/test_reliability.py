@@ -372,7 +372,8 @@ def test_local_cluster_starts_without_prestarted_workers_unless_asked(monkeypatc
     default (the job's actors are its only workers), a value the caller set is kept."""
     import pipeline.driver as driver
     seen = []
-    monkeypatch.setattr(driver.ray, "init", lambda **_: seen.append(os.environ.get("RAY_prestart_worker_first_driver")))
+    monkeypatch.setattr(driver.ray, "init",
+                        lambda **_: seen.append(os.environ.get("RAY_prestart_worker_first_driver")))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_prestart_worker_first_driver", raising=False)
     driver.connect_ray(None)
