@@ -1,6 +1,7 @@
 """Engine configuration: user arguments checked once, plus what is derived from the model's HF config and,
 for ``max_num_seqs``, from the size of the KV cache."""
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -31,28 +32,7 @@ class Config:
 
     def __post_init__(self) -> None:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        bs = self.kvcache_block_size
-        checks = [
-            ("device", self.device in ("cuda", "cpu"), "must be 'cuda', 'cpu' or None"),
-            ("kvcache_block_size", isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0,
-             "must be a power of two from 16 to 256"),
-            ("tensor_parallel_size", isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
-             "must be an int >= 1"),
-            ("max_model_len", self.max_model_len >= 1, "must be >= 1"),
-            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
-            ("max_prefill_tokens_with_decodes", self.max_prefill_tokens_with_decodes is None
-             or self.max_prefill_tokens_with_decodes >= 1, "must be None or >= 1"),
-            ("max_num_seqs", self.max_num_seqs is None or 1 <= self.max_num_seqs <= self.max_num_batched_tokens,
-             f"must be None or from 1 to max_num_batched_tokens={self.max_num_batched_tokens} (every running "
-             "sequence's decode token must fit in one step)"),
-            ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"),
-            ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
-             "must be auto, float32, float16 or bfloat16"),
-            ("num_kvcache_blocks", self.num_kvcache_blocks is None or self.num_kvcache_blocks >= 1, "must be >= 1"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} {why}")
+        check_values(self)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but CUDA is not available")
         if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
@@ -88,3 +68,41 @@ class Config:
         preempt)."""
         per_seq = min(self.max_model_len, TYPICAL_SEQ_TOKENS)
         return max(1, min(self.max_num_seqs_limit, num_kv_blocks * self.kvcache_block_size // per_seq))
+
+
+def check_values(args) -> None:
+    """ValueError naming the first setting of ``args`` (a Config, or any object with its fields) that is out of
+    range or of the wrong type. Needs no model: a job checks its engine arguments with it before actors start."""
+    bs, tp, seqs, tokens = args.kvcache_block_size, args.tensor_parallel_size, args.max_num_seqs, \
+        args.max_num_batched_tokens
+    checks = [
+        ("device", lambda: args.device in (None, "cuda", "cpu"), "must be 'cuda', 'cpu' or None"),
+        ("kvcache_block_size", lambda: isinstance(bs, int) and 16 <= bs <= 256 and bs & (bs - 1) == 0,
+         "must be a power of two from 16 to 256"),
+        ("tensor_parallel_size", lambda: isinstance(tp, int) and tp >= 1, "must be an int >= 1"),
+        ("max_model_len", lambda: args.max_model_len >= 1, "must be >= 1"),
+        ("max_num_batched_tokens", lambda: tokens >= 1, "must be >= 1"),
+        ("max_prefill_tokens_with_decodes", lambda: args.max_prefill_tokens_with_decodes is None
+         or args.max_prefill_tokens_with_decodes >= 1, "must be None or >= 1"),
+        ("max_num_seqs", lambda: seqs is None or 1 <= seqs <= tokens,
+         f"must be None or from 1 to max_num_batched_tokens={tokens} (every running sequence's decode token must "
+         "fit in one step)"),
+        ("gpu_memory_utilization", lambda: 0 < args.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+        ("dtype", lambda: args.dtype in ("auto", "float32", "float16", "bfloat16"),
+         "must be auto, float32, float16 or bfloat16"),
+        ("num_kvcache_blocks", lambda: args.num_kvcache_blocks is None or args.num_kvcache_blocks >= 1,
+         "must be >= 1"),
+    ]
+    for name, ok, why in checks:
+        try:
+            valid = ok()
+        except TypeError:  # e.g. a string where a number belongs
+            valid = False
+        if not valid:
+            raise ValueError(f"{name}={getattr(args, name)!r} {why}")
+
+
+def check_engine_args(**kwargs) -> None:
+    """``check_values`` of ``LLM(**kwargs)``'s settings (the defaults for the rest), without loading anything."""
+    defaults = {f.name: f.default for f in fields(Config) if f.default is not MISSING}
+    check_values(SimpleNamespace(**{**defaults, **kwargs}))

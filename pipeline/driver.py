@@ -145,8 +145,14 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Future:
 
 
 def check_settings(config: JobConfig) -> None:
-    """What the engine will say about the job's model and sampling flags, said once, before any actor starts."""
+    """What the engine will say about the job's model, engine arguments and sampling flags, said once, before any
+    actor starts."""
     check_model(config.model, config.log_level)
+    from engine.config import check_engine_args
+    try:
+        check_engine_args(**config.engine_args)
+    except ValueError as e:
+        raise UsageError(f"--engine-arg {e}") from None
     check_sampling(config)
 
 

@@ -23,6 +23,15 @@ def test_bad_prompts_name_index_and_reason(llm):
     assert llm.is_finished()  # nothing was queued by the failed calls
 
 
+def test_bad_engine_arguments_name_the_setting(tiny_models):
+    """Out of range or of the wrong type: a ValueError naming the setting, before anything loads."""
+    cases = {"kvcache_block_size": (48, "must be a power of two"), "max_num_seqs": ("many", "must be None or from 1"),
+             "max_prefill_tokens_with_decodes": (0, "must be None or >= 1")}
+    for name, (value, why) in cases.items():
+        with pytest.raises(ValueError, match=f"{name}={value!r} {why}"):
+            LLM(tiny_models["qwen3"], device="cpu", **{name: value})
+
+
 def test_stop_strings_and_stop_tokens(llm):
     base = llm.generate(["the red river"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                         use_tqdm=False)[0]

@@ -122,15 +122,19 @@ def test_models_that_cannot_be_resolved_fail_with_one_line_before_any_actor(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_sampling_flags_fail_with_one_line_before_any_actor(tmp_path, capsys, monkeypatch):
-    """The engine's own rules (SamplingParams, and xgrammar for a constraint, which needs no tokenizer), checked
-    by the driver: a flag every row would fail on stops the job in one line naming it, exit 2."""
+def test_bad_sampling_and_engine_flags_fail_with_one_line_before_any_actor(tmp_path, capsys, monkeypatch):
+    """The engine's own rules (SamplingParams, engine.config for --engine-arg values, and xgrammar for a
+    constraint, which needs no tokenizer), checked by the driver: a flag every row or actor would fail on stops the
+    job in one line naming it, exit 2."""
     (tmp_path / "bogus.json").write_text('{"type": "bogus"}')
     cases = {("--json-schema", str(tmp_path / "bogus.json")):
              'error: --json-schema: json_schema does not compile: Unsupported type "bogus"',
              ("--top-k", "0"): "error: --top-k: SamplingParams.top_k=0 must be -1 (off) or an int >= 1",
              ("--min-tokens", "9"): "error: --min-tokens: SamplingParams.min_tokens=9 must be an int in [0, max_",
-             ("--regex", "(unclosed"): "error: --regex: regex does not compile: "}
+             ("--regex", "(unclosed"): "error: --regex: regex does not compile: ",
+             ("--engine-arg", "max_prefill_tokens_with_decodes=0"):
+             "error: --engine-arg max_prefill_tokens_with_decodes=0 must be None or >= 1",
+             ("--engine-arg", "max_num_seqs=many"): "error: --engine-arg max_num_seqs='many' must be None or from 1"}
     monkeypatch.setattr("pipeline.driver.connect_ray", lambda address: None)
     monkeypatch.setattr("pipeline.driver.make_runner", lambda *a: pytest.fail("no actor may start"))
     ok = write_prompts(tmp_path / "ok.parquet", PROMPTS)
