@@ -268,12 +268,16 @@ def run_w5_job(path: str, env: dict[str, str] | None = None) -> dict:
     parts = glob.glob(os.path.join(out, "results", "*.parquet"))
     tokens = sum(n or 0 for f in parts for n in pq.read_table(f, columns=["num_generated_tokens"]).column(0).to_pylist())
     with open(os.path.join(out, "stats.json")) as f:
-        actors = json.load(f)["actors"]
+        stats = json.load(f)
+    actors = stats["actors"]
     records = [StepRow(*row) for row in zip(*(steps[k] for k in StepRow._fields))]
     return dict(rows=len(w5()), generated_tokens=tokens, wall_s=wall, tok_per_s_end_to_end=tokens / wall,
                 tok_per_s_steps=tokens / (last_step - first_step),
                 first_result_s=min(os.path.getmtime(f) for f in parts) - launched,
-                first_step_s=first_step - launched, actor_load_s=[a.get("load_time_s") for a in actors.values()],
+                first_step_s=first_step - launched, ray_ready_s=stats["time_to_ray_s"],
+                actor_started_s=[a["started_s"] for a in actors.values()],
+                actor_load_s=[a["load_time_s"] for a in actors.values()],
+                actor_ready_s=[a["ready_s"] for a in actors.values()],
                 step_mix=step_mix(records))
 
 
@@ -421,7 +425,9 @@ def print_table(res: dict) -> None:
     for name in (k for k in res if k.startswith("W5-job")):
         j = res[name]
         print(f"| {name} tok/s end to end / steps | {j['tok_per_s_end_to_end']:.0f} / {j['tok_per_s_steps']:.0f} "
-              f"(first step {j['first_step_s']:.1f} s, first result {j['first_result_s']:.1f} s) | - | - |")
+              f"(Ray {j['ray_ready_s']:.1f} s, actor from {min(j['actor_started_s']):.1f} s, ready "
+              f"{min(j['actor_ready_s']):.1f} s, first step {j['first_step_s']:.1f} s, first result "
+              f"{j['first_result_s']:.1f} s) | - | - |")
     if "W2" in res:
         print(f"| W2 decode latency (ms/token) | {res['W2']['ms_per_token']:.2f} | - | - |")
     if "W3" in res:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFReader, dequantize, get_tensor_name_map
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
 from engine.loader import build_once
@@ -103,6 +103,7 @@ def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
     The top level of transformers' ``get_gguf_hf_weights_map``, which also walks every submodule building the
     map again (5 s for 30 layers); the models the engine runs need only the top level.
     """
+    from transformers import AutoModelForCausalLM  # the auto classes take seconds to import: only for GGUF
     arch_id = next(key for key, name in MODEL_ARCH_NAMES.items() if name == arch)
     name_map = get_tensor_name_map(arch_id, config.num_hidden_layers)
     with torch.device("meta"):
@@ -118,6 +119,7 @@ def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
 
 def _write_hf_files(gguf_file: str, out: str) -> None:
     """Check that the engine can run ``gguf_file``, then write its config, tokenizer and source record to ``out``."""
+    from transformers import AutoTokenizer
     source = _read_source(gguf_file)
     folder, name = os.path.split(gguf_file)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)

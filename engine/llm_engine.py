@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from engine.config import Config
 from engine.loader import resolve_model_path
@@ -57,6 +56,15 @@ class LaunchedStep:
     logits: StepLogits | None = None
 
 
+def load_tokenizer(path: str):
+    """The model's HF tokenizer. Imported here, not with the engine: transformers' auto classes can take seconds
+    to import (5.8 s with transformers 5.17 on the H200 machine, through its generation and distributed modules),
+    and a job's driver imports the engine only to check its settings. (Loading it in a thread while the runners
+    start was slower there: the two threads contend for the GIL.)"""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
 class LLMEngine:
     def __init__(self, model: str, **kwargs):
         logger.info("=" * 80)
@@ -68,7 +76,7 @@ class LLMEngine:
             raise TypeError(f"unknown LLM arguments: {sorted(unknown)}")
         self.config = Config(resolve_model_path(model), **kwargs)
         logger.info("Configuration: %s", ", ".join(f"{k}={getattr(self.config, k)}" for k in config_names))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        self.tokenizer = load_tokenizer(self.config.model)
         self.model_runner = self._start_runners()
         eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, eos_token_ids)

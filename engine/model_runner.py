@@ -21,6 +21,7 @@ from engine.config import Config
 from engine.context import get_context, reset_context, set_context
 from engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, graph_batch_sizes, piecewise_token_sizes
 from engine.layers.attention import Attention, select_backend
+from engine.layers.fusion import use_triton_kernels
 from engine.layers.sampler import Sampler, SamplingBatch, TokenLogprobs, token_logprobs
 from engine.loader import load_weights
 from engine.logger import get_logger, memory_summary, timed
@@ -125,6 +126,8 @@ class ModelRunner:
                 logger.info("Running set: max_num_seqs=%d (fitted to the KV cache)", config.max_num_seqs)
         self.decode_graphs: DecodeGraphs | None = None
         self.piecewise_graphs: PiecewiseGraphs | None = None
+        if self.device.type == "cuda":
+            self._compile_ahead()
         if not config.enforce_eager and self.device.type == "cuda":
             self._capture_cudagraphs()
 
@@ -136,6 +139,22 @@ class ModelRunner:
         self.kv_cache = self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _compile_ahead(self) -> None:
+        """Compile now, in parallel, the kernel variants that steps would otherwise first meet mid-run (about a
+        second each with a cold Triton cache, the GPU idle meanwhile): the sampler's, for every running-set size
+        and for both logits dtypes (top-k/top-p/min-p sample from float32), and the prefill kernel of steps with
+        context in the cache. The start-up's forward passes and graph captures compile the rest."""
+        from engine.kernels.warmup import ahead_of_time
+        with ahead_of_time():
+            if use_triton_kernels(self.kv_cache):
+                from engine.kernels.triton_fused import compile_gumbel_argmax
+                compile_gumbel_argmax(self.config.hf_config.vocab_size, self.config.max_num_seqs,
+                                      tuple({self.dtype, torch.float32}), self.device)
+            if Attention.backend == "triton":
+                from engine.kernels.triton_attention import compile_paged_prefill
+                layer = self.attention_layers[0]
+                compile_paged_prefill(layer.num_heads, layer.k_cache, layer.v_cache)
 
     # ----- KV cache -------------------------------------------------------------------------------
     def _block_bytes(self) -> int:

@@ -289,6 +289,7 @@ class JobRunner:
         actor.target_rows = info["target_rows"]
         stats.status, stats.pid, stats.node_id, stats.load_time_s = "running", info["pid"], info["node_id"], \
             info["load_time_s"]
+        stats.started_s, stats.ready_s = info["started_at"] - self.stats.started_at, self.stats.elapsed()
         log.info("%s ready (pid %d, engine loaded in %.1fs)", actor.actor_id, info["pid"], info["load_time_s"])
         self.actors.append(actor)
         self._top_up()

@@ -76,8 +76,10 @@ def run_job(config: JobConfig, actor_cls: type = EngineActor, stop: StopRequest 
             return JobReport("nothing to do", 0, plan.out.root)
         fingerprint = in_background(fingerprint_input, plan.source)  # while Ray and the actors start
         with ray_session(config.address):
+            ray_ready_s = time.monotonic() - started
             settings.result()  # a model that cannot be resolved stops the job here, before any actor starts
             runner = make_runner(config, plan, actor_cls, stop, started)
+            runner.stats.ray_ready_s = ray_ready_s
             try:
                 runner.start_actors()     # they load their engines while the input is fingerprinted
                 fingerprint.result()

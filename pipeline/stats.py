@@ -18,7 +18,9 @@ class ActorStats:
     actor_id: str
     pid: int | None = None
     node_id: str | None = None
+    started_s: float | None = None   # when its engine began to load, in seconds from the job's launch
     load_time_s: float | None = None
+    ready_s: float | None = None     # when the driver saw it ready, from launch
     status: str = "starting"    # starting | running | stopped | died | failed to start
     error: str | None = None    # why it died or failed to start
     shards: int = 0
@@ -47,6 +49,7 @@ class JobStats:
         self.started_at = time.time() - self.elapsed()  # the same instant on the wall clock (steps' timestamps)
         self.resources = resources
         self.actors: dict[str, ActorStats] = {}
+        self.ray_ready_s: float | None = None  # from launch: Ray started or joined
         self.first_result_s: float | None = None
         self.rows_done = 0              # rows written by this run
         self.generated_tokens = 0       # tokens generated for rows written by this run
@@ -76,6 +79,7 @@ class JobStats:
             job_id=self.job_id, status=status, wall_time_s=wall,
             rows_total=num_rows, **totals,
             output_tokens_per_s=self.generated_tokens / wall if wall > 0 else 0.0,
+            time_to_ray_s=self.ray_ready_s,
             time_to_first_result_s=self.first_result_s,
             this_run=dict(started_at=self.started_at, rows=self.rows_done, generated_tokens=self.generated_tokens,
                           shards_written=self.shards_written, shards_skipped=self.shards_skipped,

@@ -155,3 +155,15 @@ def test_start_freezes_existing_objects_out_of_full_collections(tiny_models):
     finally:
         engine.shutdown()
     assert gc.get_freeze_count() == 0
+
+
+def test_importing_the_engine_leaves_transformers_auto_classes_unloaded():
+    """A job's driver imports the engine to check its settings before any actor starts: transformers' auto
+    tokenizer and model classes (seconds to import with some versions) load only with a model."""
+    import subprocess
+    import sys
+    code = ("import sys, engine, engine.loader, engine.config; "
+            "print([m for m in sys.modules if m.startswith('transformers.models.auto.') and "
+            "m.rsplit('.', 1)[1] in ('auto_factory', 'tokenization_auto', 'modeling_auto')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

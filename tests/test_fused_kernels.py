@@ -437,6 +437,49 @@ def test_gumbel_split_plan():
     assert plan(1, 10, 528) == (4, 4, 1, 1, 1)
 
 
+def test_launches_only_compile_ahead_of_time():
+    """engine.kernels.warmup: inside ahead_of_time() a launch through ``launch`` compiles (Triton's warmup) instead
+    of running; outside it runs."""
+    from engine.kernels.warmup import ahead_of_time, launch
+    calls = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("compile", args, grid, kwargs))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("run", args, grid, kwargs))
+    launch(Kernel(), (2,))(1, X=3)
+    with ahead_of_time(threads=2):
+        launch(Kernel(), (4,))(5, X=6)
+    launch(Kernel(), (7,))(8)
+    assert calls == [("run", (1,), (2,), {"X": 3}), ("compile", (5,), (4,), {"X": 6}), ("run", (8,), (7,), {})]
+
+
+def test_compiled_gumbel_variants_cover_every_batch_size(monkeypatch):
+    """compile_gumbel_argmax (compile-only at engine start-up) launches every kernel variant that gumbel_argmax
+    meets for 1 to max_rows rows of bf16 or fp32 logits: the same kernels, argument types and constexprs."""
+    launches, unspecialized = [], {"num_chunks", "chunks_per_split", "step_seed", "splits"}  # do_not_specialize
+
+    def record(kernel, grid):
+        def args(*values, **constexprs):
+            types = tuple(v.dtype if torch.is_tensor(v) else v if name not in unspecialized else type(v)
+                          for name, v in zip(kernel.arg_names, values))
+            launches.append((kernel, types, tuple(sorted(constexprs.items()))))
+        return args
+    monkeypatch.setattr(triton_fused, "launch", record)
+    vocab, max_rows, dtypes = 5000, 40, (torch.bfloat16, torch.float32)
+    for rows in range(1, max_rows + 1):
+        settings, ids = torch.ones(rows, device=DEVICE), torch.zeros(rows, dtype=torch.int64, device=DEVICE)
+        for dtype in dtypes:
+            triton_fused.gumbel_argmax(torch.zeros(rows, vocab, dtype=dtype, device=DEVICE), settings, ids, ids, 3)
+    used = set(launches)
+    launches.clear()
+    triton_fused.compile_gumbel_argmax(vocab, max_rows, dtypes, torch.device(DEVICE))
+    assert len({(kernel, constexprs) for kernel, _, constexprs in used}) > 3  # several chunk widths and splits
+    assert set(launches) == used
+
+
 def kernel_logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor, k: int):
     rows = torch.tensor(rows, device=logits.device)
     partials = triton_logprobs.logprob_partials(logits, rows, k)

@@ -291,3 +291,30 @@ def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):
         assert all(len(o["token_ids"]) == 128 for o in outs)
     finally:
         llm.shutdown()
+
+
+def test_no_kernel_variant_compiles_mid_run(tmp_path):
+    """Every Triton kernel variant a run meets is compiled at start-up (engine/kernels/warmup.py): batch sizes
+    falling from 160 rows to 1, greedy, seeded, top-p and plain sampled rows, chunked prompts beside decodes and
+    prefix-cache hits launch none for the first time (on a cold Triton cache each would stall the run ~1 s)."""
+    from triton import knobs
+    case = CASES[0]
+    build_case(case, str(tmp_path))
+    llm = LLM(str(tmp_path), max_model_len=1024, max_num_batched_tokens=512)
+    first_uses, previous = [], knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: first_uses.append(fn.name)
+    try:
+        rng = random.Random(5)
+        prefix = [rng.randrange(3, case.vocab) for _ in range(300)]
+        prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 600))]
+                   for i in range(160)]
+        kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
+                 dict(temperature=0.6)]
+        params = [SamplingParams(max_tokens=rng.randint(1, 96), ignore_eos=True, **kinds[i % 4])
+                  for i in range(len(prompts))]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+        llm.shutdown()
+    assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
+    assert not first_uses, f"kernel variants first used mid-run: {first_uses}"

@@ -351,6 +351,9 @@ def test_stats_agree_with_the_rows(job_a):
     assert sum(a["generated_tokens"] for a in actors) == gen
     assert all(a["busy_s"] > 0 and a["prefill_time_s"] > 0 and a["steps"] > 0 and a["load_time_s"] > 0
                for a in actors)
+    for a in actors:  # the start-up timeline, in seconds from the launch
+        assert 0 <= stats["time_to_ray_s"] < a["started_s"] < a["started_s"] + a["load_time_s"] <= a["ready_s"] + 0.1
+        assert a["ready_s"] < stats["time_to_first_result_s"]
     assert stats["config"]["shard_size"] == 5 and stats["resources"]["device"] == "cpu"
 
 

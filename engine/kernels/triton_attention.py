@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.warmup import launch
+
 _LOG2E = 1.4426950408889634
 
 
@@ -240,7 +242,9 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_b
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+# A mixed step's prefill rows follow its decode rows: the kernel gets the per-row tensors from that offset on, so
+# their alignment (like the block-table stride) changes from step to step and must not select a variant.
+@triton.jit(do_not_specialize=["cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr", "stride_bt"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr,
                     block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_bt, stride_cb, stride_ct, stride_ch,
@@ -426,7 +430,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if batch == 0 or max_seqlen_q == 0:
         return out
     grid = (triton.cdiv(max_seqlen_q * group, config.block_m), batch, num_kv_heads)
-    _prefill_kernel[grid](
+    launch(_prefill_kernel, grid)(
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -435,6 +439,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
+
+
+def compile_paged_prefill(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Compile :func:`paged_prefill_attention`'s kernel for these caches (call it inside
+    :func:`engine.kernels.warmup.ahead_of_time`): the start-up's forward passes have no cached context, so without
+    this the first step with some (a chunked prompt, a prefix-cache hit, a mixed step) would compile it."""
+    device, head_dim = k_cache.device, k_cache.shape[-1]
+    q = torch.empty(1, num_heads, head_dim, dtype=k_cache.dtype, device=device)
+    ints = torch.zeros(2, dtype=torch.int32, device=device)  # nothing runs: only the arguments' types count
+    paged_prefill_attention(q, k_cache, v_cache, ints, ints[:1], ints[None, :1], 1.0, max_seqlen_q=1)
 
 
 def _default_decode_config(dtype: torch.dtype, head_dim: int) -> DecodeConfig:

@@ -21,6 +21,7 @@ from triton.language.extra import libdevice
 
 from engine.kernels.triton_attention import _num_sms
 from engine.kernels.triton_kv import cache_slot
+from engine.kernels.warmup import launch
 
 # The interpreter (CPU tests) cannot call libdevice; there numpy's exp stands in.
 _LIBDEVICE: tl.constexpr = tl.constexpr(not triton.knobs.runtime.interpret)
@@ -154,9 +155,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     rows = x.reshape(-1, x.shape[-1]) if x.stride(-1) == 1 else x.contiguous().view(-1, x.shape[-1])
     block = min(_SILU_BLOCK, triton.next_power_of_2(inner))
-    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inner, block))](rows, out, inner, rows.stride(0),
-                                                                      BLOCK=block, num_warps=4,
-                                                                      enable_fp_fusion=False)
+    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(inner, block))](
+        rows, out, inner, rows.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -334,7 +334,9 @@ def _best_lowest_column(best, best_col, vocab):
     return top, tl.min(tl.where(best == top, best_col, vocab), axis=0)
 
 
-@triton.jit(do_not_specialize=["num_chunks", "chunks_per_split", "step_seed"])
+# The per-row settings are views at any offset of the step's upload: specialising on their alignment would compile
+# a variant per batch-size parity.
+@triton.jit(do_not_specialize=["temp_ptr", "seed_ptr", "pos_ptr", "num_chunks", "chunks_per_split", "step_seed"])
 def _gumbel_slice_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, score_ptr, col_ptr, stride_row, vocab,
                          num_chunks, chunks_per_split, step_seed,
                          TILE: tl.constexpr, LANES: tl.constexpr, SPLIT: tl.constexpr):
@@ -387,7 +389,7 @@ def _gumbel_slice_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, score
         tl.store(out_ptr + row, winner.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _gumbel_winner_kernel(score_ptr, col_ptr, out_ptr, splits, vocab, SPLITS_P2: tl.constexpr):
     """One row's token from its slices' bests: the top score, ties to the lowest column."""
     row = tl.program_id(0).to(tl.int64)
@@ -432,14 +434,39 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         return out
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     num_programs = num_programs or _PROGRAMS_PER_SM * _num_sms(logits.device)
-    tile, lanes, chunks, chunks_per_split, splits = _gumbel_plan(rows, vocab, num_programs)
+    _race_rows(logits, temperatures, seeds, positions, step_seed, out, _gumbel_plan(rows, vocab, num_programs))
+    return out
+
+
+def _race_rows(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+               step_seed: int, out: torch.Tensor, plan: tuple[int, int, int, int, int]) -> None:
+    """Launch :func:`gumbel_argmax`'s kernels with ``plan`` (:func:`_gumbel_plan`), writing the tokens into ``out``."""
+    rows, vocab = logits.shape
+    tile, lanes, chunks, chunks_per_split, splits = plan
     score = torch.empty((rows, splits), dtype=torch.float32, device=logits.device) if splits > 1 else out
     col = torch.empty((rows, splits), dtype=torch.int32, device=logits.device) if splits > 1 else out
-    _gumbel_slice_kernel[(rows, splits)](logits, temperatures, seeds, positions, out, score, col, logits.stride(0),
-                                         vocab, chunks, chunks_per_split, step_seed, TILE=tile, LANES=lanes,
-                                         SPLIT=splits > 1, num_warps=min(8, max(2, lanes // 128)))
+    launch(_gumbel_slice_kernel, (rows, splits))(
+        logits, temperatures, seeds, positions, out, score, col, logits.stride(0), vocab, chunks, chunks_per_split,
+        step_seed, TILE=tile, LANES=lanes, SPLIT=splits > 1, num_warps=min(8, max(2, lanes // 128)))
     if splits > 1:
         most_splits = triton.cdiv(vocab, 4 * tile) * max(1, tile // _MIN_CHUNK_LANES)  # per vocabulary: one binary
-        _gumbel_winner_kernel[(rows,)](score, col, out, splits, vocab,
-                                       SPLITS_P2=triton.next_power_of_2(most_splits), num_warps=4)
-    return out
+        launch(_gumbel_winner_kernel, (rows,))(score, col, out, splits, vocab,
+                                               SPLITS_P2=triton.next_power_of_2(most_splits), num_warps=4)
+
+
+def compile_gumbel_argmax(vocab: int, max_rows: int, dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+    """Compile the variants :func:`gumbel_argmax` launches for 1 to ``max_rows`` rows of logits in each of
+    ``dtypes`` (the kernel's chunk width and its split depend on the row count). Call it inside
+    :func:`engine.kernels.warmup.ahead_of_time`: a variant's arguments, not the launch's size, select it, so one
+    row stands for all."""
+    num_programs = _PROGRAMS_PER_SM * _num_sms(device)
+    plans = {}
+    for rows in range(1, max_rows + 1):
+        plan = _gumbel_plan(rows, vocab, num_programs)
+        plans.setdefault((plan[1], plan[4] > 1), plan)  # (lanes, split) select the variant
+    settings = torch.ones(1, device=device)
+    ids = torch.zeros(1, dtype=torch.int64, device=device)
+    for dtype in dtypes:
+        logits = torch.zeros(1, vocab, dtype=dtype, device=device)
+        for plan in plans.values():
+            _race_rows(logits, settings, ids, ids, 1, torch.empty_like(ids), plan)
