@@ -10,6 +10,7 @@ pass, logits) and :meth:`ModelRunner.sample` (sampling settings, penalty tensors
 needs the step before it postprocessed on the host (deferred sampling, engine/llm_engine.py): that step's
 forward reads its pending input tokens on the device, so only its sampling has to wait."""
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from itertools import chain
 
@@ -146,6 +147,7 @@ class ModelRunner:
         and for both logits dtypes (top-k/top-p/min-p sample from float32), and the prefill kernel of steps with
         context in the cache. The start-up's forward passes and graph captures compile the rest."""
         from engine.kernels.warmup import ahead_of_time
+        started = time.perf_counter()
         with ahead_of_time():
             if use_triton_kernels(self.kv_cache):
                 from engine.kernels.triton_fused import compile_gumbel_argmax
@@ -155,6 +157,8 @@ class ModelRunner:
                 from engine.kernels.triton_attention import compile_paged_prefill
                 layer = self.attention_layers[0]
                 compile_paged_prefill(layer.num_heads, layer.k_cache, layer.v_cache)
+        logger.info("Compiled the sampling and prefill kernels for every batch size in %.2fs",
+                    time.perf_counter() - started)
 
     # ----- KV cache -------------------------------------------------------------------------------
     def _block_bytes(self) -> int:

@@ -89,7 +89,8 @@ class EngineActor:
     async def ready(self) -> dict[str, Any]:
         import ray
         return dict(actor_id=self.actor_id, pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(),
-                    started_at=self.started_at, load_time_s=self.load_time_s, target_rows=FEED_FACTOR * self.llm.config.max_num_seqs)
+                    started_at=self.started_at, load_time_s=self.load_time_s,
+                    target_rows=FEED_FACTOR * self.llm.config.max_num_seqs)
 
     async def run_shard(self, shard_id: int, table: pa.Table, row_spec: RowSpec | None = None) -> ShardResult:
         """Generate for every row of ``table``; rows that cannot run get an error instead of a result.
