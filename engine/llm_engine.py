@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,6 +29,9 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import LogprobStaging, Sequence
 from engine.structured import GrammarError, GrammarQueue, accept_tokens
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = get_logger(__name__)
 Prompt = str | list[int] | list[dict]
@@ -56,7 +60,7 @@ class LaunchedStep:
     logits: StepLogits | None = None
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":
     """The model's HF tokenizer. Imported here, not with the engine: transformers' auto classes can take seconds
     to import (5.8 s with transformers 5.17 on the H200 machine, through its generation and distributed modules),
     and a job's driver imports the engine only to check its settings. (Loading it in a thread while the runners
