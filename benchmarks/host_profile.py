@@ -5,9 +5,10 @@ near zero is bound by the host.
 
     python benchmarks/host_profile.py [--model-dir /tmp/qwen3-0.6b-random] [--runs 3] [--fill-threads auto,4,15]
 
-Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``_sample_deferred`` includes
-``_prepare_sampling``, which makes the sampling settings and fills the grammar bitmask), so their times do not add
-up to the step.
+Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``forward`` includes
+``_prepare_decode`` and ``_forward``, the graph replay; ``_sample_deferred`` includes ``_prepare_sampling``, which
+makes the sampling settings and fills the grammar bitmask, and ``_sample``), so their times do not add up to the
+step.
 """
 import argparse
 import collections
@@ -24,7 +25,8 @@ from engine.model_runner import SampledTokens  # noqa: E402
 PHASES = {"engine": ("_launch_ahead", "_sample_deferred", "_advance_grammars", "_admit_compiled", "_record_logprobs",
                      "_apply_stop_strings"),
           "scheduler": ("schedule", "postprocess"),
-          "runner": ("forward", "launch", "_prepare_sampling", "_sampling_settings", "_grammar_bitmask")}
+          "runner": ("forward", "launch", "_prepare_decode", "_forward", "_sample", "_prepare_sampling",
+                     "_sampling_settings", "_grammar_bitmask")}
 
 
 def timed(totals: dict, name: str, fn):

@@ -82,10 +82,10 @@ class LLMEngine:
         logger.info("Configuration: %s", ", ".join(f"{k}={getattr(self.config, k)}" for k in config_names))
         self.tokenizer = load_tokenizer(self.config.model)
         self.model_runner = self._start_runners()
-        eos_token_ids = self._eos_token_ids()
-        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, eos_token_ids)
-        self.model_runner.eos_token_ids = sorted(eos_token_ids)
-        self.grammars = GrammarQueue(self.tokenizer, self.config.hf_config.vocab_size, sorted(eos_token_ids))
+        self.eos_token_ids = self._eos_token_ids()  # also the grammars' stop tokens
+        self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self.eos_token_ids)
+        self.model_runner.eos_token_ids = sorted(self.eos_token_ids)
+        self.grammars = GrammarQueue(self.tokenizer, self.config.hf_config.vocab_size, sorted(self.eos_token_ids))
         # Unfinished requests (a grammar or a token penalty) whose sampling needs their previous token on the host.
         self.host_token_seq_ids: set[int] = set()
         self.logprob_staging = LogprobStaging()  # the latest steps' generated-token logprobs (engine/sequence.py)
@@ -268,10 +268,12 @@ class LLMEngine:
     def _advance_grammars(self, seqs: list[Sequence]) -> list[Sequence]:
         """Move each constrained sequence's matcher past its new token; finish those whose grammar ended."""
         live = [seq for seq in seqs if seq.grammar is not None and not seq.is_finished]
-        accepted = accept_tokens([seq.grammar for seq in live], [seq.token_ids[-1] for seq in live]) if live else []
+        tokens = [seq.token_ids[-1] for seq in live]
+        accepted = accept_tokens([seq.grammar for seq in live], tokens) if live else []
         finished = []
-        for seq, ok in zip(live, accepted):
-            if ok and not seq.grammar.is_terminated():
+        for seq, token, ok in zip(live, tokens, accepted):
+            # (a matcher ends only by accepting a stop token: no need to ask the others)
+            if ok and (token not in self.eos_token_ids or not seq.grammar.is_terminated()):
                 continue
             if not seq.grammar.is_terminated():
                 logger.warning("seq %d: token %d is outside its grammar; finishing it", seq.seq_id, seq.token_ids[-1])
@@ -328,7 +330,7 @@ class LLMEngine:
         finished = []
         for seq in seqs:
             stops = seq.params.stop
-            if seq.is_finished or not stops:
+            if not stops or seq.is_finished:
                 continue
             tail_len = max(len(s) for s in stops) + 4
             tail = self.tokenizer.decode(seq.completion_token_ids[-tail_len:], skip_special_tokens=True)

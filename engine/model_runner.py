@@ -320,12 +320,11 @@ class ModelRunner:
         bitmask = self._grammar_bitmask(seqs, constrained, vocab_size) if constrained else None
         return replace(sampling, penalties=penalties, bitmask=bitmask)
 
-    def _grammar_bitmask(self, seqs: list[Sequence], constrained: list[int], vocab_size: int
-                         ) -> tuple[torch.Tensor, list[int] | torch.Tensor] | None:
-        """The token bitmask of the constrained rows whose sequence still runs. A row of a sequence that finished
-        on its previous token (found one step late under async scheduling: EOS, the end of its grammar, a token
-        outside it, a stop string) stays unmasked: its token is dropped, and a terminated matcher cannot fill a
-        mask (xgrammar raises)."""
+    def _grammar_bitmask(self, seqs: list[Sequence], constrained: list[int], vocab_size: int) -> torch.Tensor | None:
+        """The batch's token bitmask, from the constrained rows whose sequence still runs. A row of a sequence that
+        finished on its previous token (found one step late under async scheduling: EOS, the end of its grammar, a
+        token outside it, a stop string) stays unmasked: its token is dropped, and a terminated matcher cannot fill
+        a mask (xgrammar raises)."""
         live = [(r, seqs[r].grammar) for r in constrained if not seqs[r].is_finished]
         if not live:
             return None

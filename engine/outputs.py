@@ -37,6 +37,18 @@ class SchedulerOutput:
         if seq.params.prompt_logprobs is not None and seq.num_computed_tokens + 1 < seq.num_prompt_tokens:
             self.prompt_logprob_rows.append(self.num_rows - 1)
 
+    def add_decode_rows(self) -> None:
+        """Fill the columns of the rows of ``seqs``, which holds only decoding sequences: one row each that feeds
+        back its last sampled token (PENDING_TOKEN while the step in flight samples it) and samples the next."""
+        n = len(self.seqs)
+        self.num_computed_tokens = [seq.num_computed_tokens for seq in self.seqs]
+        self.num_scheduled_tokens = [1] * n
+        self.token_ids = [seq.token_ids[start:start + 1] or [PENDING_TOKEN]
+                          for seq, start in zip(self.seqs, self.num_computed_tokens)]
+        self.block_tables = [seq.block_table for seq in self.seqs]
+        self.sample = [True] * n
+        self.num_decode_rows = n
+
     @property
     def num_rows(self) -> int:
         return len(self.num_scheduled_tokens)
@@ -56,7 +68,10 @@ class SchedulerOutput:
 
     @property
     def sampling_seqs(self) -> list[Sequence]:
-        """The sequences of the rows that sample, in row order (the order of the sampled tokens)."""
+        """The sequences of the rows that sample, in row order (the order of the sampled tokens): in a decode-only
+        batch every row (``seqs`` itself, not a copy)."""
+        if self.is_decode_only:
+            return self.seqs
         return [seq for seq, sample in zip(self.seqs, self.sample) if sample]
 
     def for_workers(self) -> "SchedulerOutput":

@@ -38,6 +38,9 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
 
     def add(self, seq: Sequence) -> None:
+        seq.max_len = min(seq.max_len, self.max_model_len)
+        if not seq.params.ignore_eos:
+            seq.stop_ids = seq.stop_ids | self.eos_token_ids
         self.waiting.append(seq)
 
     def is_finished(self) -> bool:
@@ -50,26 +53,46 @@ class Scheduler:
         decoding, prefilling = [], []
         for seq in self.running:
             (decoding if seq.is_decoding else prefilling).append(seq)
-        budget = self._schedule_running(out, decoding, self.max_num_batched_tokens)
-        out.num_decode_rows = out.num_rows
+        budget = self._schedule_decodes(out, decoding, self.max_num_batched_tokens)
         if out.num_decode_rows:
             budget = min(budget, self.max_prefill_tokens_with_decodes)
-        budget = self._schedule_running(out, prefilling, budget, chunks=True)
+        budget = self._schedule_prefilling(out, prefilling, budget)
         if not out.num_preempted:
             self._schedule_waiting(out, budget)
         self._log(out)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, seqs: list[Sequence], budget: int, chunks: bool = False) -> int:
-        """Rows for these running sequences, oldest first; returns the budget left. A prompt chunk (``chunks``)
-        next to other rows waits rather than take the watermark's blocks or preempt anything."""
+    def _schedule_decodes(self, out: SchedulerOutput, seqs: list[Sequence], budget: int) -> int:
+        """The first rows of an empty batch: one token for each decoding sequence that fits, oldest first (the hot
+        path of every step, so the rows' columns are filled in one pass at the end); returns the budget left."""
+        rows = out.seqs  # (``_allocate_or_preempt`` spares the sequences already in it)
+        block_size = self.block_manager.block_size
+        for seq in seqs:
+            if len(rows) == budget:
+                break
+            if seq.status is not SequenceStatus.RUNNING or self._finishes_with_pending(seq):
+                continue  # preempted for an earlier row of this step, or done once its pending token is back
+            # (most steps: the last block has room for the token)
+            if seq.num_computed_tokens < len(seq.block_table) * block_size or self._allocate_or_preempt(out, seq, 1):
+                rows.append(seq)
+        out.add_decode_rows()
+        for seq in rows:
+            seq.num_computed_tokens += 1
+            seq.num_pending += 1
+            if seq.num_computed_tokens >= (seq.num_registered_blocks + 1) * block_size:  # a block may be full
+                self.block_manager.register_computed_blocks(seq)
+        return budget - len(rows)
+
+    def _schedule_prefilling(self, out: SchedulerOutput, seqs: list[Sequence], budget: int) -> int:
+        """Rows for the next chunks of running sequences still prefilling, oldest first; returns the budget left.
+        A chunk next to other rows waits rather than take the watermark's blocks or preempt anything."""
         for seq in seqs:
             if not budget:
                 break
-            if seq.status != SequenceStatus.RUNNING or self._finishes_with_pending(seq):
+            if seq.status is not SequenceStatus.RUNNING or self._finishes_with_pending(seq):
                 continue  # preempted for an earlier row of this step, or done once its pending token is back
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if chunks and out.num_rows:
+            if out.num_rows:
                 fits = self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens, reserve=self.watermark)
             else:
                 fits = self._allocate_or_preempt(out, seq, num_tokens)
@@ -122,11 +145,9 @@ class Scheduler:
         seq.num_pending += sample
         self.block_manager.register_computed_blocks(seq)
 
-    def _finishes_with_pending(self, seq: Sequence) -> bool:
-        if not seq.num_pending:
-            return False
-        length = len(seq)
-        return length - seq.num_prompt_tokens >= seq.params.max_tokens or length >= self.max_model_len
+    @staticmethod
+    def _finishes_with_pending(seq: Sequence) -> bool:
+        return seq.num_pending > 0 and len(seq.token_ids) + seq.num_pending >= seq.max_len
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         seq.status = SequenceStatus.WAITING
@@ -158,23 +179,16 @@ class Scheduler:
             if seq.is_finished:
                 continue
             seq.append_token(token_id)
-            reason = self._finish_reason(seq, token_id)
-            if reason:
-                self.finish(seq, reason)
+            if token_id in seq.stop_ids or len(seq.token_ids) >= seq.max_len:
+                self.finish(seq, self._finish_reason(seq, token_id))
                 finished.append(seq)
         return finished
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        params = seq.params
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            return "eos"
-        if token_id in params.stop_token_ids:
-            return "stop"
-        if seq.num_completion_tokens >= params.max_tokens:
-            return "max_tokens"
-        if len(seq.token_ids) >= self.max_model_len:
-            return "max_model_len"
-        return None
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str:
+        """Why a sequence that ended on ``token_id`` ended (``seq.stop_ids`` or ``seq.max_len``)."""
+        if token_id in seq.stop_ids:
+            return "eos" if token_id in self.eos_token_ids and not seq.params.ignore_eos else "stop"
+        return "max_tokens" if seq.num_completion_tokens >= seq.params.max_tokens else "max_model_len"
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

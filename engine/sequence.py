@@ -44,6 +44,10 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks of block_table in the prefix-cache index
         self.num_pending = 0  # tokens sampled by launched steps whose values are not back yet
         self.params = params
+        # where it stops: the length it may reach and the sampled ids that end it (the scheduler adds max_model_len
+        # and EOS when the sequence is added)
+        self.max_len = self.num_prompt_tokens + params.max_tokens
+        self.stop_ids: frozenset[int] = frozenset(params.stop_token_ids)
         # per generated token / per prompt token after the first, when asked
         self.logprobs = LogprobEntries(params.logprobs) if params.logprobs is not None else None
         self.prompt_logprobs = LogprobEntries(params.prompt_logprobs) if params.prompt_logprobs is not None else None
@@ -87,7 +91,8 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         """Add a sampled token (the value of the oldest pending one, if any)."""
         self.token_ids.append(token_id)
-        self.num_pending = max(0, self.num_pending - 1)
+        if self.num_pending:
+            self.num_pending -= 1
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
 

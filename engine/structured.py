@@ -1,21 +1,22 @@
 """Structured outputs with xgrammar: ``json_schema``, ``json_object``, ``regex``, ``choice`` or an EBNF
 ``grammar`` constrains what a request may generate.
 
-Grammars compile in a thread pool when the request is added (cached by spec, so equal specs compile once) and
-the request waits for its grammar without holding up the other sequences' steps. Each step, every constrained
-row's matcher fills its row of one token bitmask for the batch (xgrammar's threads, while the step's forward pass
-runs on the device), which masks the logits on the device before sampling; the sampled token then advances the
-matcher on the host. The next mask needs that token, so under async scheduling a step with constrained rows is
-launched ahead without its sampling, which is queued once the step before it is postprocessed (deferred
-sampling, engine/llm_engine.py): the forward pass still overlaps the host work. A sequence whose grammar ended
-(or that finished otherwise) on the token before gets no mask row, and the token sampled for it is dropped.
-"""
+Grammars compile in a thread pool when the request is added (cached by spec, so equal specs compile once) and the
+request waits for its grammar without holding up the other sequences' steps. Each step, every constrained row's
+matcher fills its row of one token bitmask for the batch (xgrammar's threads, while the step's forward pass runs on
+the device), which the sampling kernel applies as it reads the logits (with top-k/top-p/min-p, a masking pass runs
+first); the sampled token then advances the matcher on the host. The next mask needs that token, so under async
+scheduling a step with constrained rows is launched ahead without its sampling, which is queued once the step
+before it is postprocessed (deferred sampling, engine/llm_engine.py): the forward pass still overlaps the host
+work. A sequence whose grammar ended (or that finished otherwise) on the token before gets an all-allowed mask row,
+and the token sampled for it is dropped."""
 import json
 import re
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+import numpy as np
 import torch
 
 from engine.logger import get_logger
@@ -91,12 +92,11 @@ def accept_tokens(matchers: list, token_ids: list[int]) -> list[bool]:
 
 
 class TokenBitmask:
-    """The batch's grammar bitmask ``[rows, ceil(V / 32)]`` and the indices of its constrained rows: pinned host
-    buffers that xgrammar's thread pool fills (the constrained rows only) and their device copies, all kept from
-    step to step. On CUDA the copies run on a side stream, so a mask filled while a forward pass runs reaches the
-    device without queueing behind it, and the indices need no pageable upload (which may wait for the stream).
-    Reusing the buffers is safe because a mask is filled only once the previous step's tokens were read (the
-    engine samples a step with constrained rows after postprocessing the step before it), so the previous mask
+    """The batch's grammar bitmask ``[rows, ceil(V / 32)]``: a pinned host buffer that xgrammar's thread pool fills
+    (the constrained rows; the others allow every token) and its device copy, both kept from step to step. On CUDA
+    the copy runs on a side stream, so a mask filled while a forward pass runs reaches the device without queueing
+    behind it. Reusing the buffers is safe because a mask is filled only once the previous step's tokens were read
+    (the engine samples a step with constrained rows after postprocessing the step before it), so the previous mask
     has been applied."""
 
     def __init__(self, vocab_size: int, device: torch.device):
@@ -105,23 +105,24 @@ class TokenBitmask:
         self._filler = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._host = self._device = torch.empty(0, 0, dtype=torch.int32)
-        self._host_rows = self._device_rows = torch.empty(0, dtype=torch.int32)
 
-    def fill(self, matchers: list[tuple[int, object]], num_rows: int) -> tuple[torch.Tensor, list[int] | torch.Tensor]:
-        """Fill row ``row`` from each ``(row, matcher)`` of a batch of ``num_rows``; the bitmask on the device
-        (rows outside ``rows`` hold stale values) and those rows (on CUDA as a device tensor)."""
+    def fill(self, matchers: list[tuple[int, object]], num_rows: int) -> torch.Tensor:
+        """The bitmask of a batch of ``num_rows`` on the device: row ``row`` from each ``(row, matcher)``, every
+        token allowed in the other rows."""
         self._reserve(num_rows)
         rows = [row for row, _ in matchers]
         self._filler.batch_fill_next_token_bitmask([m for _, m in matchers], self._host, indices=rows)
+        if len(rows) < num_rows:
+            free = np.ones(num_rows, dtype=bool)
+            free[rows] = False
+            self._host.numpy()[:num_rows][free] = -1  # all bits set
         if self._stream is None:
-            return self._host[:num_rows], rows
-        mask, device_rows = self._device[:num_rows], self._device_rows[:len(rows)]
-        self._host_rows.numpy()[:len(rows)] = rows
+            return self._host[:num_rows]
+        mask = self._device[:num_rows]
         with torch.cuda.stream(self._stream):
             mask.copy_(self._host[:num_rows], non_blocking=True)
-            device_rows.copy_(self._host_rows[:len(rows)], non_blocking=True)
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        return mask, device_rows
+        return mask
 
     def _reserve(self, num_rows: int) -> None:
         if self._host.shape[0] >= num_rows:
@@ -132,19 +133,16 @@ class TokenBitmask:
             self._host = self._device = host
             return
         self._host, self._device = host.pin_memory(), torch.empty_like(host, device=self.device)
-        self._host_rows = torch.empty(host.shape[0], dtype=torch.int32, pin_memory=True)
-        self._device_rows = torch.empty(host.shape[0], dtype=torch.int32, device=self.device)
-        # The new device buffers come from the compute stream's pool: memory that work already queued there (the
-        # forward pass in flight) may still use. The side stream must not write them before that work is done.
+        # The new device buffer comes from the compute stream's pool: memory that work already queued there (the
+        # forward pass in flight) may still use. The side stream must not write it before that work is done.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: tuple[torch.Tensor, list[int] | torch.Tensor]) -> torch.Tensor:
-    """Set the logits of disallowed tokens to -inf in the bitmask's rows (in place, after a cast to float32)."""
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Set the logits of disallowed tokens to -inf (in place, after a cast to float32)."""
     import xgrammar as xgr
     logits = logits.float()
-    mask, rows = bitmask
-    xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1], indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
     return logits
 
 

@@ -352,6 +352,37 @@ def test_gumbel_greedy_rows_and_ties():
     assert out.dtype == torch.int64
 
 
+def random_bitmask(rows: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """An int32 token bitmask ``[rows, ceil(vocab / 32) + 1]`` (xgrammar's layout, one spare word) allowing a random
+    ~third of the tokens in each row, every token in row 0 (a row without a grammar), one token in the last."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.rand(rows, 32 * (-(-vocab // 32) + 1), generator=g) < 0.3
+    allowed[0], allowed[-1] = True, False
+    allowed[-1, vocab - 1] = True
+    words = (allowed.view(rows, -1, 32).long() << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).to(DEVICE)
+
+
+@small
+@pytest.mark.parametrize("vocab,num_programs", [(1000, 1), (1000, None), (49159, 528)])
+def test_gumbel_bitmask_equals_masking_the_logits_first(vocab, num_programs):
+    """The kernel's bitmask (the sampler's grammar path) picks the tokens it picks from logits whose disallowed
+    tokens were set to -inf first, for greedy, seeded and unseeded rows, whatever the split."""
+    from engine.structured import apply_bitmask
+    rows = 6
+    logits = randn(rows, vocab, dtype=torch.bfloat16 if ON_GPU else torch.float32, scale=3.0)
+    bitmask = random_bitmask(rows, vocab)
+    batch = sampling_batch([0.0, 1.0, 0.7, 0.0, 2.0, 1.0], [-1, 5, -1, -1, 2 ** 33, -1], [0, 4, 0, 0, 9, 0])
+    masked = apply_bitmask(logits.clone(), bitmask)  # (in place when the logits are fp32)
+    for step_seed in (1, 2):
+        expected = triton_fused.gumbel_argmax(masked, batch.temperatures, batch.seeds, batch.positions, step_seed,
+                                              num_programs)
+        out = triton_fused.gumbel_argmax(logits, batch.temperatures, batch.seeds, batch.positions, step_seed,
+                                         num_programs, bitmask=bitmask)
+        assert torch.equal(out, expected)
+        assert int(out[-1]) == vocab - 1 and bool(torch.isfinite(masked[torch.arange(rows), out]).all())
+
+
 @small
 def test_gumbel_unseeded_rows_follow_step_seed():
     logits = torch.zeros(8, 64, device=DEVICE)  # identical rows, uniform over 64 tokens
@@ -468,16 +499,20 @@ def test_compiled_gumbel_variants_cover_every_batch_size(monkeypatch):
             launches.append((kernel, types, tuple(sorted(constexprs.items()))))
         return args
     monkeypatch.setattr(triton_fused, "launch", record)
-    vocab, max_rows, dtypes = 5000, 40, (torch.bfloat16, torch.float32)
-    for rows in range(1, max_rows + 1):
-        settings, ids = torch.ones(rows, device=DEVICE), torch.zeros(rows, dtype=torch.int64, device=DEVICE)
-        for dtype in dtypes:
-            triton_fused.gumbel_argmax(torch.zeros(rows, vocab, dtype=dtype, device=DEVICE), settings, ids, ids, 3)
-    used = set(launches)
-    launches.clear()
-    triton_fused.compile_gumbel_argmax(vocab, max_rows, dtypes, torch.device(DEVICE))
-    assert len({(kernel, constexprs) for kernel, _, constexprs in used}) > 3  # several chunk widths and splits
-    assert set(launches) == used
+    max_rows, dtypes, variety = 40, (torch.bfloat16, torch.float32), set()
+    for vocab in (5000, 151936):  # (on the interpreter's 4 SMs the small one varies more, on an H200 the large one)
+        launches.clear()
+        for rows in range(1, max_rows + 1):
+            settings, ids = torch.ones(rows, device=DEVICE), torch.zeros(rows, dtype=torch.int64, device=DEVICE)
+            for dtype in dtypes:
+                logits = torch.empty(rows, vocab, dtype=dtype, device=DEVICE)  # (nothing runs: launches recorded)
+                triton_fused.gumbel_argmax(logits, settings, ids, ids, 3)
+        used = set(launches)
+        launches.clear()
+        triton_fused.compile_gumbel_argmax(vocab, max_rows, dtypes, torch.device(DEVICE))
+        assert set(launches) == used
+        variety |= {(vocab, kernel, constexprs) for kernel, _, constexprs in used}
+    assert len(variety) > 5  # several chunk widths and splits
 
 
 def kernel_logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor, k: int):
@@ -530,19 +565,22 @@ def test_logprobs_kernel_without_alternatives_and_ties_to_lowest_id():
 
 
 @small
-def test_sampler_logprobs_read_the_raw_logits(monkeypatch):
+@pytest.mark.parametrize("top_p_path", [False, True], ids=["mask-in-kernel", "mask-first"])
+def test_sampler_logprobs_read_the_raw_logits(monkeypatch, top_p_path):
     """The sampler's kernel path (forced on CPU): a grammar-masked fp32 row still gets the raw logprobs, and
-    the bitmask does not mask the caller's logits in place before the sampled tokens' logits are read."""
+    the bitmask (applied in the sampling kernel, or first when top-k/top-p need it) does not mask the caller's
+    logits in place before the sampled tokens' logits are read."""
     monkeypatch.setattr(sampler, "use_triton_kernels", lambda x: True)
     import numpy as np
     logits = randn(3, 1000, scale=3.0)
     raw = logits.clone()
-    allowed = np.zeros((3, 32), dtype=np.uint32)  # a row per logits row; only row 2 is applied
+    allowed = np.full((3, 32), 2 ** 32 - 1, dtype=np.uint32)  # a row per logits row; rows 0 and 1 allow all
+    allowed[2] = 0
     allowed[2, 0] = 0b1010  # tokens 1 and 3
-    bitmask = torch.from_numpy(allowed.view(np.int32)).to(DEVICE), [2]
+    bitmask = torch.from_numpy(allowed.view(np.int32)).to(DEVICE)
     zeros = torch.zeros(3, device=DEVICE)
     batch = SamplingBatch(zeros, zeros.long(), zeros + 1, zeros, zeros.long() - 1, zeros.long(), all_greedy=True,
-                          any_greedy=True, use_top_k_top_p=False, use_min_p=False, any_seeded=False,
+                          any_greedy=True, use_top_k_top_p=top_p_path, use_min_p=False, any_seeded=False,
                           logprob_rows=torch.tensor([2, 0], device=DEVICE), num_logprobs=4, bitmask=bitmask)
     sampled, logprobs = Sampler().sample(logits, batch)
     assert int(sampled[2]) in (1, 3) and torch.equal(logits, raw)

@@ -175,12 +175,12 @@ def test_running_limit_bounds_the_running_set():
 def test_finish_reasons():
     sch = make()
     eos, stop_tok, length = seq(3), seq(3, stop_token_ids=[9]), seq(3, max_tokens=1)
-    ignore = seq(3, ignore_eos=True)
-    for s in (eos, stop_tok, length, ignore):
+    ignore, eos_listed = seq(3, ignore_eos=True), seq(3, ignore_eos=True, stop_token_ids=[0])
+    for s in (eos, stop_tok, length, ignore, eos_listed):
         sch.add(s)
     out = sch.schedule()
-    finished = sch.postprocess(out.sampling_seqs, [0, 9, 4, 0])
-    assert [s.finish_reason for s in finished] == ["eos", "stop", "max_tokens"]
+    finished = sch.postprocess(out.sampling_seqs, [0, 9, 4, 0, 0])
+    assert [s.finish_reason for s in finished] == ["eos", "stop", "max_tokens", "stop"]
     assert not ignore.is_finished and sch.block_manager.num_used_blocks == 1
 
 

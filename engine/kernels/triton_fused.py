@@ -319,9 +319,14 @@ def _gumbel(u):
 
 
 @triton.jit
-def _race(row_ptr, cols, vocab, scale, noise, best, best_col):
-    """Per lane, keep the best ``logit / scale + noise`` seen and its column; equal scores keep the lower column."""
-    x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+def _race(row_ptr, mask_row_ptr, masked, cols, vocab, scale, noise, best, best_col):
+    """Per lane, keep the best ``logit / scale + noise`` seen and its column; equal scores keep the lower column.
+    ``masked``: a column whose bit is 0 in the row's token bitmask (32 columns per int32 word) counts as -inf."""
+    inside = cols < vocab
+    if masked:
+        words = tl.load(mask_row_ptr + cols // 32, mask=inside, other=0)
+        inside = inside & (((words >> (cols % 32)) & 1) != 0)
+    x = tl.load(row_ptr + cols, mask=inside, other=float("-inf")).to(tl.float32)
     score = tl.math.div_rn(x, scale) + noise  # IEEE division, as torch's logits / T
     better = (score > best) | ((score == best) & (cols < best_col))
     return tl.where(better, score, best), tl.where(better, cols, best_col)
@@ -335,10 +340,12 @@ def _best_lowest_column(best, best_col, vocab):
 
 
 # The per-row settings are views at any offset of the step's upload: specialising on their alignment would compile
-# a variant per batch-size parity.
-@triton.jit(do_not_specialize=["temp_ptr", "seed_ptr", "pos_ptr", "num_chunks", "chunks_per_split", "step_seed"])
+# a variant per batch-size parity. The grammar bitmask's arguments are not specialised either: one variant serves
+# batches with and without it.
+@triton.jit(do_not_specialize=["temp_ptr", "seed_ptr", "pos_ptr", "num_chunks", "chunks_per_split", "step_seed",
+                               "mask_ptr", "mask_stride", "masked"])
 def _gumbel_slice_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, score_ptr, col_ptr, stride_row, vocab,
-                         num_chunks, chunks_per_split, step_seed,
+                         num_chunks, chunks_per_split, step_seed, mask_ptr, mask_stride, masked,
                          TILE: tl.constexpr, LANES: tl.constexpr, SPLIT: tl.constexpr):
     """Races one slice of one row: chunks ``[split * chunks_per_split, ...)`` of ``LANES`` lanes.
 
@@ -359,6 +366,7 @@ def _gumbel_slice_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, score
     row_mix = seed.to(tl.uint64) * 0x9E3779B1 + position.to(tl.uint64) * 0x85EBCA77
     philox_key = (row.to(tl.uint64) << 32) | step_seed.to(tl.uint64)  # distinct stream per (row, step)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    mask_row_ptr = mask_ptr + row.to(tl.int64) * mask_stride
     lanes = tl.arange(0, LANES)
     best = tl.full([LANES], float("-inf"), tl.float32)
     best_col = tl.zeros([LANES], tl.int32)
@@ -376,10 +384,10 @@ def _gumbel_slice_kernel(logits_ptr, temp_ptr, seed_ptr, pos_ptr, out_ptr, score
         else:  # greedy: x / 1 + 0 == x
             g0 = tl.zeros([LANES], tl.float32)
             g1, g2, g3 = g0, g0, g0
-        best, best_col = _race(row_ptr, c0, vocab, scale, g0, best, best_col)
-        best, best_col = _race(row_ptr, c1, vocab, scale, g1, best, best_col)
-        best, best_col = _race(row_ptr, c2, vocab, scale, g2, best, best_col)
-        best, best_col = _race(row_ptr, c3, vocab, scale, g3, best, best_col)
+        best, best_col = _race(row_ptr, mask_row_ptr, masked, c0, vocab, scale, g0, best, best_col)
+        best, best_col = _race(row_ptr, mask_row_ptr, masked, c1, vocab, scale, g1, best, best_col)
+        best, best_col = _race(row_ptr, mask_row_ptr, masked, c2, vocab, scale, g2, best, best_col)
+        best, best_col = _race(row_ptr, mask_row_ptr, masked, c3, vocab, scale, g3, best, best_col)
     top, winner = _best_lowest_column(best, best_col, vocab)
     if SPLIT:
         partial = row.to(tl.int64) * tl.num_programs(1) + split
@@ -415,8 +423,11 @@ def _gumbel_plan(rows: int, vocab: int, num_programs: int) -> tuple[int, int, in
 
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
-                  positions: torch.Tensor, step_seed: int, num_programs: int | None = None) -> torch.Tensor:
-    """Per row of ``logits`` ``[B, V]``: ``argmax(logits / T - log(-log(U)))``, or the plain argmax if T == 0.
+                  positions: torch.Tensor, step_seed: int, num_programs: int | None = None,
+                  bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of ``logits`` ``[B, V]``: ``argmax(logits / T - log(-log(U)))``, or the plain argmax if T == 0;
+    with a grammar ``bitmask`` (int32 ``[B, >= ceil(V / 32)]``, xgrammar's layout) over the allowed tokens only, as
+    if the others' logits were -inf (without writing them).
 
     U is made in the kernel: ``hashed_uniform(seed, position)`` for rows with ``seed >= 0`` (bit for
     bit), else Philox keyed by (row, ``step_seed``), so pass a new ``step_seed`` every call. Ties go
@@ -434,20 +445,28 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         return out
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     num_programs = num_programs or _PROGRAMS_PER_SM * _num_sms(logits.device)
-    _race_rows(logits, temperatures, seeds, positions, step_seed, out, _gumbel_plan(rows, vocab, num_programs))
+    if bitmask is not None:
+        assert bitmask.dtype == torch.int32 and bitmask.shape[0] == rows and bitmask.shape[1] * 32 >= vocab
+        assert bitmask.stride(-1) == 1
+    _race_rows(logits, temperatures, seeds, positions, step_seed, out, _gumbel_plan(rows, vocab, num_programs),
+               bitmask)
     return out
 
 
 def _race_rows(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
-               step_seed: int, out: torch.Tensor, plan: tuple[int, int, int, int, int]) -> None:
+               step_seed: int, out: torch.Tensor, plan: tuple[int, int, int, int, int],
+               bitmask: torch.Tensor | None = None) -> None:
     """Launch :func:`gumbel_argmax`'s kernels with ``plan`` (:func:`_gumbel_plan`), writing the tokens into ``out``."""
     rows, vocab = logits.shape
     tile, lanes, chunks, chunks_per_split, splits = plan
     score = torch.empty((rows, splits), dtype=torch.float32, device=logits.device) if splits > 1 else out
     col = torch.empty((rows, splits), dtype=torch.int32, device=logits.device) if splits > 1 else out
+    # without a bitmask, a stand-in of the same dtype (never read), so that both launches share one variant
+    mask = bitmask if bitmask is not None else temperatures.new_empty(1, dtype=torch.int32)
     launch(_gumbel_slice_kernel, (rows, splits))(
         logits, temperatures, seeds, positions, out, score, col, logits.stride(0), vocab, chunks, chunks_per_split,
-        step_seed, TILE=tile, LANES=lanes, SPLIT=splits > 1, num_warps=min(8, max(2, lanes // 128)))
+        step_seed, mask, mask.stride(0) if bitmask is not None else 0, int(bitmask is not None),
+        TILE=tile, LANES=lanes, SPLIT=splits > 1, num_warps=min(8, max(2, lanes // 128)))
     if splits > 1:
         most_splits = triton.cdiv(vocab, 4 * tile) * max(1, tile // _MIN_CHUNK_LANES)  # per vocabulary: one binary
         launch(_gumbel_winner_kernel, (rows,))(score, col, out, splits, vocab,

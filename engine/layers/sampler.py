@@ -68,7 +68,7 @@ class SamplingBatch:
     logprob_row_list: list[int] = field(default_factory=list)  # the same rows, on the host
     num_logprobs: int = 0                     # top-k alternatives for them (the most any of them asks)
     penalties: PenaltyBatch | None = None
-    bitmask: tuple[torch.Tensor, list[int] | torch.Tensor] | None = None  # grammar rows' token bitmask, those rows
+    bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] allowed tokens (xgrammar's layout; all, for free rows)
 
 
 @dataclass
@@ -120,17 +120,25 @@ class Sampler(nn.Module):
         raw = logits
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
-        if batch.bitmask is not None:
+        bitmask = batch.bitmask
+        if bitmask is not None and not self._masks_in_kernel(logits, batch):
             from engine.structured import apply_bitmask
             if finish_logprobs is not None and logits is raw and raw.dtype == torch.float32:
                 logits = logits.clone()  # apply_bitmask masks fp32 logits in place; the logprobs read the raw ones
-            logits = apply_bitmask(logits, batch.bitmask)
-        sampled = self(logits, batch)
+            logits, bitmask = apply_bitmask(logits, bitmask), None
+        sampled = self(logits, batch, bitmask)
         return sampled, finish_logprobs and finish_logprobs(sampled)
 
-    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits ``[B, V]`` → sampled token ids ``[B]``."""
-        if batch.all_greedy:
+    @staticmethod
+    def _masks_in_kernel(logits: torch.Tensor, batch: SamplingBatch) -> bool:
+        """Whether the Gumbel-max kernel applies the grammar bitmask itself: it then reads the logits as they are
+        (no fp32 copy, no masking pass). Top-k/top-p/min-p need the mask first: the kept tokens depend on it."""
+        return use_triton_kernels(logits) and not (batch.use_top_k_top_p or batch.use_min_p)
+
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | None = None) -> torch.Tensor:
+        """logits ``[B, V]`` → sampled token ids ``[B]``; ``bitmask`` (the kernel path only, see
+        :meth:`_masks_in_kernel`): the grammar's allowed tokens."""
+        if batch.all_greedy and bitmask is None:
             return logits.argmax(dim=-1)
         temperatures = batch.temperatures
         if batch.use_top_k_top_p or batch.use_min_p:
@@ -145,7 +153,7 @@ class Sampler(nn.Module):
         if use_triton_kernels(logits):
             from engine.kernels.triton_fused import gumbel_argmax
             self.step_seed = (self.step_seed + 1) % _STEP_SEEDS
-            return gumbel_argmax(logits, temperatures, batch.seeds, batch.positions, self.step_seed)
+            return gumbel_argmax(logits, temperatures, batch.seeds, batch.positions, self.step_seed, bitmask=bitmask)
         sampled = _gumbel_argmax(logits, temperatures, self._uniform(logits, batch))
         if batch.any_greedy:
             sampled = torch.where(batch.temperatures > 0, sampled, logits.argmax(dim=-1))
