@@ -105,6 +105,7 @@ class TokenBitmask:
         self._filler = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._host = self._device = torch.empty(0, 0, dtype=torch.int32)
+        self._allows_all = np.ones(0, dtype=bool)  # host rows that still hold an all-allowed mask
 
     def fill(self, matchers: list[tuple[int, object]], num_rows: int) -> torch.Tensor:
         """The bitmask of a batch of ``num_rows`` on the device: row ``row`` from each ``(row, matcher)``, every
@@ -112,10 +113,12 @@ class TokenBitmask:
         self._reserve(num_rows)
         rows = [row for row, _ in matchers]
         self._filler.batch_fill_next_token_bitmask([m for _, m in matchers], self._host, indices=rows)
-        if len(rows) < num_rows:
-            free = np.ones(num_rows, dtype=bool)
-            free[rows] = False
-            self._host.numpy()[:num_rows][free] = -1  # all bits set
+        free = np.ones(num_rows, dtype=bool)
+        free[rows] = False
+        stale = free & ~self._allows_all[:num_rows]  # free now, filled by a matcher in an earlier step
+        if stale.any():
+            self._host.numpy()[:num_rows][stale] = -1  # all bits set
+        self._allows_all[:num_rows] = free
         if self._stream is None:
             return self._host[:num_rows]
         mask = self._device[:num_rows]
@@ -128,7 +131,8 @@ class TokenBitmask:
         if self._host.shape[0] >= num_rows:
             return
         import xgrammar as xgr
-        host = xgr.allocate_token_bitmask(max(num_rows, 2 * self._host.shape[0]), self.vocab_size)
+        host = xgr.allocate_token_bitmask(max(num_rows, 2 * self._host.shape[0]), self.vocab_size)  # all allowed
+        self._allows_all = np.ones(host.shape[0], dtype=bool)
         if self._stream is None:
             self._host = self._device = host
             return

@@ -698,9 +698,9 @@ def test_sampler_uses_kernel_on_cuda(monkeypatch):
     batch.top_ks, batch.use_top_k_top_p = torch.full((64,), 2, device="cuda"), True
     real, calls = triton_fused.gumbel_argmax, []
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args[-1])  # the step seed
-        return real(*args)
+        return real(*args, **kwargs)
     monkeypatch.setattr(triton_fused, "gumbel_argmax", spy)
     sampler = Sampler(seed=3)
     first, second = sampler(logits, batch), sampler(logits, batch)

@@ -48,7 +48,8 @@ def test_choice_allows_only_the_choices_prefixes(compiler, tokenizer):
 
 
 def test_token_bitmask_rows_equal_single_matcher_fills_and_grow(compiler):
-    """The threaded batch fill writes each constrained row as a lone matcher would, into buffers that grow."""
+    """The threaded batch fill writes each constrained row as a lone matcher would, into buffers that grow; the
+    other rows allow every token, also a row a matcher filled in an earlier step."""
     import xgrammar as xgr
     from engine.structured import TokenBitmask
     specs = [SamplingParams(choice=["Paris", "London"]).structured, SamplingParams(regex=r"[0-9]{2,4}").structured]
@@ -62,6 +63,8 @@ def test_token_bitmask_rows_equal_single_matcher_fills_and_grow(compiler):
         matcher.fill_next_token_bitmask(alone, 0)
         assert torch.equal(mask[row], alone[0])
     assert not torch.equal(mask[0], mask[2]) and bool((mask[1] == -1).all())  # row 1: no grammar, all allowed
+    mask = buffers.fill([(2, matchers[1])], 3)  # row 0's sequence has no grammar any more: all allowed again
+    assert bool((mask[:2] == -1).all()) and not bool((mask[2] == -1).all())
 
 
 def test_equal_specs_compile_once(compiler):
