@@ -11,8 +11,6 @@ class Context:
     num_decode_tokens: int = 0                 # prefill: rows [0, n) are decode rows of one token each
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    has_cached_prefix: bool = False            # some row attends to keys before its new tokens (prefix-cache
-                                               # hits, earlier chunks, a decode row's context)
     slot_mapping: torch.Tensor | None = None   # [tokens] cache slot of each new token
     context_lens: torch.Tensor | None = None   # [B] cached + new tokens per sequence
     block_tables: torch.Tensor | None = None   # [B, max_blocks]

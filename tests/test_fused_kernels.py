@@ -24,31 +24,14 @@ import types
 import pytest
 import torch
 
-from tests.triton_tiers import (DEVICE, ON_GPU, gpu, in_fresh_interpreter, interpreter_active,
-                                needs_cuda, run_in_fresh_interpreter, small, triton)
+from tests.triton_tiers import (DEVICE, ON_GPU, gpu, in_fresh_interpreter, needs_cuda,  # noqa: F401 (fixture)
+                                rne_bf16_casts, run_in_fresh_interpreter, small, triton)
 from engine.kernels import reference, triton_fused, triton_kv, triton_logprobs  # noqa: I001 (after triton_tiers)
 from engine.layers import fusion, sampler
 from engine.layers.sampler import Sampler, SamplingBatch, token_logprobs
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 DTYPES = [torch.float32, *HALF_DTYPES]
-
-
-@pytest.fixture(autouse=True)
-def rne_bf16_casts(monkeypatch):
-    """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU does."""
-    if ON_GPU or not interpreter_active():
-        return
-    import numpy as np
-    from triton.runtime import interpreter
-    convert = interpreter._convert_float
-
-    def rne(data, src, dst, rounding_mode):
-        if src == triton.language.float32 and dst == triton.language.bfloat16:
-            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
-            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        return convert(data, src, dst, rounding_mode)
-    monkeypatch.setattr(interpreter, "_convert_float", rne)
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, seed=0) -> torch.Tensor:

@@ -271,7 +271,7 @@ def check_mixed_step(num_heads, num_kv_heads, head_dim, dtype, seed):
     layer = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
     layer.k_cache, layer.v_cache = k_cache, v_cache
     set_context(is_prefill=True, cu_seqlens_q=cu, num_decode_tokens=3, max_seqlen_q=max(q_lens),
-                max_seqlen_k=max(contexts), has_cached_prefix=True, slot_mapping=slots, context_lens=lens,
+                max_seqlen_k=max(contexts), slot_mapping=slots, context_lens=lens,
                 block_tables=tables)
     try:
         Attention.backend = "triton"

@@ -37,6 +37,23 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True)  # a test module that imports it gets it for every test
+def rne_bf16_casts(monkeypatch):
+    """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU does."""
+    if ON_GPU or not interpreter_active():
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+    convert = interpreter._convert_float
+
+    def rne(data, src, dst, rounding_mode):
+        if src == triton.language.float32 and dst == triton.language.bfloat16:
+            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
+            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return convert(data, src, dst, rounding_mode)
+    monkeypatch.setattr(interpreter, "_convert_float", rne)
+
+
 def run_in_fresh_interpreter(test_file: str) -> None:
     """Run ``test_file``'s small tier in a new process with TRITON_INTERPRET=1 set from the start."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -314,12 +314,26 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_num_splits(rows: int, num_kv_heads: int, max_context: int, block_n: int,
-                      num_sms: int) -> int:
-    """Splits of the keys, from shapes only (CUDA graphs), for a grid of ``rows x num_kv_heads``
-    programs per split (sequences, or row tiles of the shared prefix): enough programs for ~2 per
-    SM, never more splits than key tiles in the longest possible context, at most 64."""
-    wanted = triton.cdiv(2 * num_sms, rows * num_kv_heads)
+# Splits of a decode step's own keys (H200, `benchmarks/kernels.py --uneven`, 16-256 rows of 600-2,048 tokens, 8 KV
+# heads): with many programs one split is best (a split costs partial writes and the reduce); below that, aiming at
+# 16 programs per SM came within 2.5 % of the best of 1-16 splits at every size, where aiming at 2 per SM was 3-10 %
+# slower at 16-128 rows (the tail of programs of uneven lengths). The kernel alone preferred 3 splits at 128 rows,
+# but W1's whole decode steps of 128-159 rows were 0.1 ms slower with them (docs/benchmarks.md, 2026-12-04, fifth
+# session), hence one split from 7 programs per SM on (128 rows of 8 KV heads on 132 SMs).
+ONE_SPLIT_PROGRAMS_PER_SM = 7
+SPLIT_PROGRAMS_PER_SM = 16
+
+
+def decode_num_splits(rows: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int,
+                      programs_per_sm: int = SPLIT_PROGRAMS_PER_SM) -> int:
+    """Splits of the keys, from shapes only (CUDA graphs), for a grid of ``rows x num_kv_heads`` programs per split
+    (sequences, or row tiles of the shared prefix): one when the grid already has ``ONE_SPLIT_PROGRAMS_PER_SM``
+    programs per SM, else enough for ``programs_per_sm`` per SM, never more than key tiles in the longest possible
+    context, at most 64."""
+    programs = rows * num_kv_heads
+    if programs >= ONE_SPLIT_PROGRAMS_PER_SM * num_sms:
+        return 1
+    wanted = triton.cdiv(programs_per_sm * num_sms, programs)
     return max(1, min(wanted, triton.cdiv(max_context, block_n), 64))
 
 
@@ -366,8 +380,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_splits = config.num_splits or decode_num_splits(
         batch, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
     row_tiles = triton.cdiv(batch * group, config.shared_block_m)
-    prefix_splits = 0 if shared_blocks is None else decode_num_splits(
-        row_tiles, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
+    prefix_splits = 0 if shared_blocks is None else decode_num_splits(  # (W3 measured with 2 per SM)
+        row_tiles, num_kv_heads, max_context, config.block_n, _num_sms(q.device), programs_per_sm=2)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1

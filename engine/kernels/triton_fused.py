@@ -48,16 +48,21 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-@triton.jit(do_not_specialize=["n_rows"])  # one compiled variant for every batch size
+@triton.jit(do_not_specialize=["n_rows", "part_stride"])  # one compiled variant for every batch size
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_rows, inner, n_cols,
-                     sx_outer, sx_inner, sr_outer, sr_inner, inv_n, eps,
-                     HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     sx_outer, sx_inner, sr_outer, sr_inner, inv_n, eps, part_stride,
+                     HAS_RESIDUAL: tl.constexpr, PARTS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
     mask = (rows < n_rows)[:, None] & col_mask[None, :]
     outer, within = (rows // inner).to(tl.int64), (rows % inner).to(tl.int64)
-    x = tl.load(x_ptr + (outer * sx_outer + within * sx_inner)[:, None] + cols[None, :], mask=mask, other=0.0)
+    x_offs = (outer * sx_outer + within * sx_inner)[:, None] + cols[None, :]
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+    if PARTS > 0:  # split-K partial sums of the product before this norm: their sum, rounded as its output
+        for part in tl.static_range(1, PARTS):
+            x += tl.load(x_ptr + part * part_stride + x_offs, mask=mask, other=0.0)
+        x = x.to(out_ptr.dtype.element_ty)
     dst = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + (outer * sr_outer + within * sr_inner)[:, None] + cols[None, :], mask=mask,
@@ -90,22 +95,25 @@ def _round(x, dtype: tl.constexpr):
 
 
 def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                     out_dtype: torch.dtype, sum_dtype: torch.dtype):
-    n_cols = x.shape[-1]
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    summed = torch.empty(x.shape, dtype=sum_dtype, device=x.device) if residual is not None else out
+                     out_dtype: torch.dtype, sum_dtype: torch.dtype, parts: int = 0):
+    """``parts > 0``: ``x`` holds that many partial sums ``[parts, *shape]`` (see :func:`add_rms_norm`)."""
+    shape = x.shape[1:] if parts else x.shape
+    out = torch.empty(shape, dtype=out_dtype, device=x.device)
+    summed = torch.empty(shape, dtype=sum_dtype, device=x.device) if residual is not None else out
     if out.numel() == 0:
         return out, summed
-    xv = _rows_view(x)
+    part_stride = x.stride(0) if parts else 0
+    xv = _rows_view(x[0] if parts else x)
     rv = _rows_view(residual) if residual is not None else xv
+    n_cols = shape[-1]
     n_rows = xv.shape[0] * xv.shape[1]
     block = triton.next_power_of_2(n_cols)
     rows = max(1, _NORM_TILE // block)
     _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
         xv, rv, weight, out, summed, n_rows, xv.shape[1], n_cols,
-        xv.stride(0), xv.stride(1), rv.stride(0), rv.stride(1), 1.0 / n_cols, eps,
-        HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK=block, num_warps=4 if block <= 4096 else 8,
-        enable_fp_fusion=False)
+        xv.stride(0), xv.stride(1), rv.stride(0), rv.stride(1), 1.0 / n_cols, eps, part_stride,
+        HAS_RESIDUAL=residual is not None, PARTS=parts, ROWS=rows, BLOCK=block,
+        num_warps=4 if block <= 4096 else 8, enable_fp_fusion=False)
     return out, summed
 
 
@@ -119,8 +127,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(s), s)`` with ``s = x + residual`` in the wider dtype of the two, in one pass; the norm comes
-    back in ``x``'s dtype (an fp32 residual stream feeding bf16 layers)."""
-    assert x.shape == residual.shape and weight.shape == (x.shape[-1],) and weight.is_contiguous()
+    back in ``x``'s dtype (an fp32 residual stream feeding bf16 layers).
+
+    ``x`` may also be the fp32 partial sums ``[splits, *residual.shape]`` of the product before the norm
+    (``engine.kernels.triton_gemm.split_k_linear``): they are added up and rounded to ``weight``'s dtype, as that
+    product's own output would be, and the norm comes back in that dtype."""
+    assert weight.shape == (residual.shape[-1],) and weight.is_contiguous()
+    if x.dim() == residual.dim() + 1:
+        assert x.shape[1:] == residual.shape and x.dtype == torch.float32 and x.stride(-1) == 1
+        assert weight.dtype in (torch.bfloat16, torch.float16), "partial sums of a half-precision layer"
+        return _launch_rms_norm(x, residual, weight, eps, weight.dtype,
+                                torch.promote_types(weight.dtype, residual.dtype), parts=x.shape[0])
+    assert x.shape == residual.shape
     return _launch_rms_norm(x, residual, weight, eps, x.dtype, torch.promote_types(x.dtype, residual.dtype))
 
 

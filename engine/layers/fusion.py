@@ -46,7 +46,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(x + residual), x + residual)``: the norm in ``x``'s dtype, the sum in the wider of the two."""
+    """``(norm(x + residual), x + residual)``: the norm in ``x``'s dtype, the sum in the wider of the two. On CUDA
+    ``x`` may also be a product's split-K partial sums (``RowParallelLinear.partial_sums``)."""
     if use_triton_kernels(x):
         return _kernels().add_rms_norm(x, residual, weight, eps)
     return torch_add_rms_norm(x, residual, weight, eps)

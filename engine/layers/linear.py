@@ -9,6 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import all_reduce, tp_rank, tp_size
+from engine.layers.fusion import use_triton_kernels
+
+# RowParallelLinear.partial_sums: above this many rows cuBLAS is as fast. In W1 on an H200 (docs/benchmarks.md,
+# 2026-12-04, fifth session) decode steps of 1-127 rows were faster with split-K (96-127 rows by only 0.06 ms), of
+# 128-256 rows 0.11-0.18 ms slower; the limit keeps clear of that crossover.
+SPLIT_K_MAX_ROWS = 96
 
 
 def split_size(total: int, parts: int, what: str) -> int:
@@ -106,3 +112,13 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y)
+
+    def partial_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` for a caller that passes it straight to ``add_rms_norm``: for a decode-sized batch of a
+        half-precision model on one GPU (no bias, fused kernels on), its split-K partial sums instead
+        (``engine.kernels.triton_gemm``), which that norm adds up."""
+        if (self.tp_size == 1 and self.bias is None and x.dim() == 2 and x.shape[0] <= SPLIT_K_MAX_ROWS
+                and x.dtype in (torch.bfloat16, torch.float16) and use_triton_kernels(x)):
+            from engine.kernels.triton_gemm import split_k_linear  # imports Triton only on CUDA
+            return split_k_linear(x if x.stride(-1) == 1 else x.contiguous(), self.weight)
+        return self.forward(x)

@@ -88,7 +88,8 @@ class DecoderMLP(nn.Module):
                                            bias=getattr(config, "mlp_bias", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        """The MLP's output as the next residual-add RMSNorm takes it (see ``RowParallelLinear.partial_sums``)."""
+        return self.down_proj.partial_sums(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -109,7 +110,8 @@ class DecoderLayer(nn.Module):
 
     def attention_outputs(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer after its attention (``attn_out`` ``[tokens, heads, dim]``): ``(hidden, residual)``."""
-        hidden, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out.flatten(1, -1)), residual)
+        attn_out = self.self_attn.o_proj.partial_sums(attn_out.flatten(1, -1))
+        hidden, residual = self.post_attention_layernorm(attn_out, residual)
         return self.mlp(hidden), residual
 
     def forward(self, positions, hidden, residual):
