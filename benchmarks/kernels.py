@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton
 from triton.testing import do_bench
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.kernels import reference  # noqa: E402
 from engine.kernels.triton_attention import (DecodeConfig, PrefillConfig,  # noqa: E402
                                              paged_decode_attention, paged_prefill_attention)
+from engine.model_runner import longest_first  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
 SCALE = HEAD_DIM ** -0.5
@@ -92,16 +94,19 @@ def capture_graph(step):
 
 
 def time_decode(context_lens: list[int], block_size: int, gen: torch.Generator,
-                configs: dict[str, DecodeConfig | None]) -> dict[str, tuple[float, float | None]]:
+                configs: dict[str, DecodeConfig | None], unordered: tuple[str, ...] = ()
+                ) -> dict[str, tuple[float, float | None]]:
     """Per config, median ms of one decode step replayed from a CUDA graph (as the engine runs
-    it) and, for the default config, launched eagerly (adds the host launch cost when the GPU
-    work is shorter than it)."""
+    it: rows started longest first, except for the configs named in ``unordered``) and, for the
+    default config, launched eagerly (adds the host launch cost when the GPU work is shorter
+    than it)."""
     k_cache, v_cache, tables, lens = paged_problem(context_lens, block_size, gen)
     q = torch.randn(len(context_lens), NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    longest = torch.from_numpy(longest_first(np.array(context_lens))).cuda()
     times = {}
     for name, config in configs.items():
-        def step(config=config):
-            paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE, config=config)
+        def step(config=config, order=None if name in unordered else longest):
+            paged_decode_attention(q, k_cache, v_cache, tables, lens, SCALE, order=order, config=config)
         try:
             graph, _ = capture_graph(step)
         except Exception as err:  # a sweep config the chip cannot run (shared memory, ...)
@@ -109,7 +114,7 @@ def time_decode(context_lens: list[int], block_size: int, gen: torch.Generator,
             continue
         graph_ms = do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
         eager_ms = (do_bench(step, warmup=10, rep=60, return_mode="median")
-                    if config is None else None)
+                    if name == "default" else None)
         times[name] = (graph_ms, eager_ms)
     return times
 
@@ -162,14 +167,15 @@ def uneven_decode(gen: torch.Generator) -> list[dict]:
     shrinking tail (16-256 rows of contexts 600-2,048) and W6's mix (short rows beside 16k-24k-token rows)."""
     def lens(n: int, lo: int, hi: int) -> list[int]:
         return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
-    cases = {f"tail{n}": lens(n, 600, 2048) for n in (16, 32, 64, 96, 128, 192, 256)}
+    cases = {f"tail{n}": lens(n, 600, 2048) for n in (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256)}
     cases["w6_512+32long"] = lens(512, 100, 2048) + lens(32, 16384, 24576)
     cases["w6_128+32long"] = lens(128, 100, 2048) + lens(32, 16384, 24576)
     cases["w6_32long"] = lens(32, 16384, 24576)
-    configs = {"default": None} | {f"splits{k}": DecodeConfig(num_splits=k) for k in (1, 2, 3, 4, 6, 8, 12, 16)}
+    configs = {"default": None, "default_unordered": None}
+    configs |= {f"splits{k}": DecodeConfig(num_splits=k) for k in (1, 2, 3, 4, 6, 8, 16)}
     rows = []
     for label, case in cases.items():
-        for name, (ms, _) in time_decode(case, 128, gen, configs).items():
+        for name, (ms, _) in time_decode(case, 128, gen, configs, unordered=("default_unordered",)).items():
             rows.append(dict(batch=len(case), ctx=label, config=name, ms=ms, kv_gb_s=kv_bytes(case) / ms / 1e6))
             print(f"  uneven {rows[-1]}", flush=True)
         torch.cuda.empty_cache()

@@ -15,6 +15,7 @@ class Context:
     context_lens: torch.Tensor | None = None   # [B] cached + new tokens per sequence
     block_tables: torch.Tensor | None = None   # [B, max_blocks]
     shared_blocks: torch.Tensor | None = None  # [1] decode: leading blocks common to every row (cascade)
+    decode_order: torch.Tensor | None = None   # [decode rows] their indices, longest context first
 
 
 _CONTEXT = Context()

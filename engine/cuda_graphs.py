@@ -76,10 +76,13 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.shared_blocks = torch.zeros(1, dtype=torch.int64, device=device)
+        # the decode attention's row order (int32, as the mixed steps' uploads: one kernel variant); padding rows last
+        self.rows = torch.arange(max_bs, dtype=torch.int32, device=device)
+        self.order = self.rows.clone()
         self.outputs = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
         for bs, with_cascade in [(bs, c) for bs in reversed(sizes) for c in (False, True) if not c or cascade(bs)]:
             set_context(is_prefill=False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
-                        block_tables=self.block_tables[:bs],
+                        block_tables=self.block_tables[:bs], decode_order=self.order[:bs],
                         shared_blocks=self.shared_blocks if with_cascade else None)
 
             def run(bs=bs):
@@ -104,8 +107,10 @@ class DecodeGraphs:
         self.positions[:bs].copy_(positions)
         self.slot_mapping[bs:graph_bs].fill_(-1)
         self.context_lens[bs:graph_bs].zero_()
+        self.order[bs:graph_bs].copy_(self.rows[bs:graph_bs])
         self.slot_mapping[:bs].copy_(ctx.slot_mapping)
         self.context_lens[:bs].copy_(ctx.context_lens)
+        self.order[:bs].copy_(ctx.decode_order)
         self.block_tables[:bs, :ctx.block_tables.shape[1]].copy_(ctx.block_tables)
         cascade = ctx.shared_blocks is not None
         if cascade:

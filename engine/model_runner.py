@@ -48,6 +48,13 @@ def shared_prefix_blocks(tables: np.ndarray, lengths: np.ndarray) -> int:
     return cap if same.all() else int(same.argmin())
 
 
+def longest_first(context_lens: np.ndarray) -> np.ndarray:
+    """Decode rows by context length, longest first: the order the decode attention starts their programs in, so
+    that no SM is left with a long row while the others idle (on the H200, 10-14 % off the kernel at 96-544 rows of
+    uneven lengths; docs/benchmarks.md, 2026-12-04, sixth session)."""
+    return np.argsort(-context_lens, kind="stable")
+
+
 @dataclass
 class StepLogits:
     """A step whose forward pass is queued on the device but not its sampling: the logits of its sampling rows
@@ -269,11 +276,12 @@ class ModelRunner:
         input_ids = np.fromiter(chain.from_iterable(batch.token_ids), dtype=np.int64, count=num_tokens)
         pending = self._pending_inputs(batch, input_ids, token_rows)
         ids_d, positions_d, slots_d, *pending_d = self._upload(input_ids, positions, slot_mapping, *pending)
-        cu_d, context_d, tables_d = self._upload(cu_seqlens_q, context_lens, tables, dtype=np.int32)
+        order = longest_first(context_lens[:batch.num_decode_rows])
+        cu_d, context_d, tables_d, order_d = self._upload(cu_seqlens_q, context_lens, tables, order, dtype=np.int32)
         self._feed_pending(ids_d, *pending_d)
         set_context(is_prefill=True, cu_seqlens_q=cu_d, num_decode_tokens=batch.num_decode_rows,
                     max_seqlen_q=int(new_lens.max()), max_seqlen_k=int(context_lens.max()),
-                    slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d)
+                    slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d, decode_order=order_d)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] PREFILL tensors: input_ids=[%d], positions=[%d], slot_mapping=[%d]",
                          self.rank, num_tokens, num_tokens, num_tokens)
@@ -291,11 +299,11 @@ class ModelRunner:
         input_ids = np.fromiter((t[0] for t in batch.token_ids), dtype=np.int64, count=n)
         shared = np.array([shared_prefix_blocks(tables, lengths) if self._cascade(n) else 0])
         pending = self._pending_inputs(batch, input_ids, np.arange(n))
-        ids_d, positions_d, slots_d, context_d, tables_d, shared_d, *pending_d = self._upload(
-            input_ids, positions, slot_mapping, positions + 1, tables, shared, *pending)
+        ids_d, positions_d, slots_d, context_d, tables_d, shared_d, order_d, *pending_d = self._upload(
+            input_ids, positions, slot_mapping, positions + 1, tables, shared, longest_first(positions), *pending)
         self._feed_pending(ids_d, *pending_d)
         set_context(is_prefill=False, slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d,
-                    shared_blocks=shared_d if shared[0] else None)
+                    shared_blocks=shared_d if shared[0] else None, decode_order=order_d)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] DECODE tensors: input_ids=[%d], positions=[%d], context_lens=[%d], "
                          "block_tables=%s, shared_prefix_blocks=%d", self.rank, n, n, n, list(tables.shape), shared[0])

@@ -102,6 +102,12 @@ def test_allocate_fails_without_change_and_counts_revived_blocks():
     assert bm.allocate(s3, 48, cached) and bm.num_free_blocks == 0
 
 
+def test_longest_first_orders_decode_rows_by_context_length():
+    from engine.model_runner import longest_first
+    assert longest_first(np.array([5, 900, 17, 900, 0])).tolist() == [1, 3, 2, 0, 4]  # ties keep their order
+    assert longest_first(np.array([], dtype=np.int64)).tolist() == []
+
+
 def test_shared_prefix_blocks_counts_common_leading_entries():
     from engine.model_runner import shared_prefix_blocks
     tables = np.array([[4, 5, 6, 9, 0], [4, 5, 6, 7, 8], [4, 5, 2, 3, 0]], dtype=np.int32)

@@ -50,13 +50,21 @@ def install_graphs(llm: LLM, token_sizes: list[int]):
 
 
 def recording(graphs, replays: list):
-    """``graphs.replay`` that records ``(rows, padded size)`` and checks that padding rows write no KV cache slot."""
+    """``graphs.replay`` that records ``(rows, padded size)`` and checks that padding rows write no KV cache slot
+    and, in decode graphs, that the attention's row order lists the real rows longest first, then the padding rows
+    (a permutation of the padded batch whichever sizes ran before)."""
     replay = graphs.replay
 
     def run(input_ids, positions, size):
         out = replay(input_ids, positions, size)
-        replays.append((len(input_ids), size))
-        assert (graphs.slot_mapping[len(input_ids):size] == -1).all()
+        n = len(input_ids)
+        replays.append((n, size))
+        assert (graphs.slot_mapping[n:size] == -1).all()
+        if isinstance(graphs, DecodeGraphs):
+            order = graphs.order[:size].tolist()
+            assert sorted(order[:n]) == list(range(n)) and order[n:] == list(range(n, size))
+            lengths = graphs.context_lens[order[:n]].tolist()
+            assert lengths == sorted(lengths, reverse=True)
         return out
     return run
 

@@ -13,6 +13,7 @@ import torch
 from tests.triton_tiers import (DEVICE, gpu, in_fresh_interpreter, needs_cuda, run_in_fresh_interpreter,
                                 small)
 from engine.kernels import reference, triton_attention, triton_kv  # noqa: I001 (after triton_tiers)
+from engine.model_runner import longest_first
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
@@ -66,6 +67,18 @@ def check_decode(context_lens, num_heads, num_kv_heads, head_dim, block_size, dt
                                                   out=poisoned_like(q), config=config)
     ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
     assert rel_error(out, ref) < TOLERANCE[dtype]
+    assert_order_changes_nothing(out, q, k_cache, v_cache, tables, lens, scale, config=config)
+
+
+def assert_order_changes_nothing(out, q, k_cache, v_cache, tables, lens, scale, *args, config):
+    """The engine's launch order (rows longest first) and a shuffled one give ``out`` bit for bit: a row's
+    programs compute the same whichever position of the grid serves it."""
+    gen = torch.Generator().manual_seed(len(lens))
+    for order in (longest_first(lens.cpu().numpy()), torch.randperm(len(lens), generator=gen).numpy()):
+        ordered = triton_attention.paged_decode_attention(
+            q, k_cache, v_cache, tables, lens, scale, *args, order=torch.from_numpy(order).to(DEVICE),
+            out=poisoned_like(q), config=config)
+        assert torch.equal(ordered, out)
 
 
 def share_prefix(tables: torch.Tensor, shared: int) -> torch.Tensor:
@@ -92,6 +105,7 @@ def check_shared_decode(context_lens, shared, num_heads, num_kv_heads, head_dim,
     ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
     assert rel_error(out[:-1], ref[:-1]) < TOLERANCE[dtype]
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+    assert_order_changes_nothing(out, q, k_cache, v_cache, tables, lens, scale, shared_blocks, config=config)
 
 
 def check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
@@ -272,7 +286,7 @@ def check_mixed_step(num_heads, num_kv_heads, head_dim, dtype, seed):
     layer.k_cache, layer.v_cache = k_cache, v_cache
     set_context(is_prefill=True, cu_seqlens_q=cu, num_decode_tokens=3, max_seqlen_q=max(q_lens),
                 max_seqlen_k=max(contexts), slot_mapping=slots, context_lens=lens,
-                block_tables=tables)
+                block_tables=tables, decode_order=torch.tensor([1, 0, 2], device=DEVICE))
     try:
         Attention.backend = "triton"
         out = layer(q, k, v)

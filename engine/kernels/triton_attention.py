@@ -97,24 +97,32 @@ def _attend_keys(q, k_base, v_base, block_table, start, end, qk_scale, stride_cb
 # compiled kernel instead of compiling one per split count at startup. So is the block-table stride (the widest
 # row's block count, which changes from step to step in eager steps): Triton would otherwise compile a new variant
 # in the middle of a run whenever it becomes 1 or a multiple of 16, or stops being one.
-@triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_bt"])
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, shared_blocks_ptr,
+# The row order is a pointer too: it is read once per program, and its alignment differs between the decode graphs'
+# static buffer and the uploads of eager and mixed steps.
+@triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_bt", "order_ptr"])
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, shared_blocks_ptr, order_ptr,
                          out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits, num_slots,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
                          stride_cb, stride_ct, stride_ch,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (batch, kv_head, split). Split ``s`` covers ``[s * split_len, (s + 1) * split_len)``
-    of the sequence's own keys, ``split_len`` derived on the device from its length, so every
-    split of a long sequence has work and splits past a short one return at once. With
-    HAS_SHARED, the first ``shared_blocks`` cache blocks (common to the whole batch) are left to
+                         BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ORDER: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Grid (kv_head, split, rank): the GPU starts programs in that order (kv_head fastest), and
+    rank ``r`` serves row ``order[r]`` (HAS_ORDER; else row ``r``), so rows listed longest first
+    start their long programs first and the short ones fill in at the end (longest processing
+    time first). Split ``s`` covers ``[s * split_len, (s + 1) * split_len)`` of the sequence's own
+    keys, ``split_len`` derived on the device from its length, so every split of a long sequence
+    has work and splits past a short one return at once. With HAS_SHARED, the first
+    ``shared_blocks`` cache blocks (common to the whole batch) are left to
     :func:`_shared_prefix_kernel` and the splits cover the rest. A program writes the output
     when it is the only one with work; otherwise a normalised partial output and its
     log2-sum-exp into slot ``split`` of ``num_slots``."""
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+    if HAS_ORDER:
+        seq = tl.load(order_ptr + seq)
     context_len = tl.load(context_lens_ptr + seq)
     shared_len = 0
     if HAS_SHARED:
@@ -315,12 +323,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Splits of a decode step's own keys (H200, `benchmarks/kernels.py --uneven`, 16-256 rows of 600-2,048 tokens, 8 KV
-# heads): with many programs one split is best (a split costs partial writes and the reduce); below that, aiming at
-# 16 programs per SM came within 2.5 % of the best of 1-16 splits at every size, where aiming at 2 per SM was 3-10 %
-# slower at 16-128 rows (the tail of programs of uneven lengths). The kernel alone preferred 3 splits at 128 rows,
-# but W1's whole decode steps of 128-159 rows were 0.1 ms slower with them (docs/benchmarks.md, 2026-12-04, fifth
-# session), hence one split from 7 programs per SM on (128 rows of 8 KV heads on 132 SMs).
-ONE_SPLIT_PROGRAMS_PER_SM = 7
+# heads, rows started longest first): with many programs one split is best (a split costs partial writes and the
+# reduce); it was best or within 1 % of the best of 1-16 splits from 80 rows (640 programs) on, and splits were
+# 5-12 % slower at 112-256 rows. Below that, aiming at 16 programs per SM came within 1-4 % of the best at every size,
+# where aiming at 2 per SM was 3-10 % slower at 16-128 rows. (docs/benchmarks.md, 2026-12-04, sixth session)
+ONE_SPLIT_PROGRAMS_PER_SM = 4
 SPLIT_PROGRAMS_PER_SM = 16
 
 
@@ -360,7 +367,7 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            shared_blocks: torch.Tensor | None = None, *,
-                           out: torch.Tensor | None = None,
+                           order: torch.Tensor | None = None, out: torch.Tensor | None = None,
                            config: DecodeConfig | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: ``q [B, num_heads, head_dim]``.
 
@@ -369,8 +376,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     context length of 0 gives a zero output. ``shared_blocks`` (int32 ``[1]`` on the device), if
     given, says that the first that many entries of every row are the same full blocks (a prefix
     shared through the prefix cache): they are then attended once for the whole batch (cascade
-    attention), and 0 means none. Launch sizes depend on shapes only, so the call is CUDA-graph
-    capturable. ``out`` (same shape as q, last dim contiguous) is written if given.
+    attention), and 0 means none. ``order`` (``[B]`` integers on the device, a permutation of the
+    rows), if given, is the order the rows' programs start in: longest context first balances the
+    SMs (``engine.model_runner.longest_first``); the result does not depend on it. Launch sizes depend on shapes
+    only, so the call is CUDA-graph capturable. ``out`` (same shape as q, last dim contiguous) is
+    written if given.
     """
     group = _check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
@@ -397,12 +407,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_P2=triton.next_power_of_2(head_dim),
                   BLOCK_SIZE=block_size, BLOCK_N=config.block_n)
     attention = dict(GROUP=group, DOT_PRECISION=_dot_precision(q.dtype), **shapes)
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, shared, out, part_out, part_lse,
+    _decode_split_kernel[(num_kv_heads, num_splits, batch)](
+        q, k_cache, v_cache, block_tables, context_lens, shared, context_lens if order is None else order,
+        out, part_out, part_lse,
         scale * _LOG2E, num_splits, slots, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_H=max(16, triton.next_power_of_2(group)),
-        HAS_SHARED=shared_blocks is not None, **attention,
+        HAS_SHARED=shared_blocks is not None, HAS_ORDER=order is not None, **attention,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if shared_blocks is not None:
         _shared_prefix_kernel[(row_tiles, num_kv_heads, prefix_splits)](
