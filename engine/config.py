@@ -19,7 +19,8 @@ class Config:
     max_model_len: int = 4096
     max_num_seqs: int | None = None  # running sequences at most; None: fitted to the KV cache (default_max_num_seqs)
     max_num_batched_tokens: int = 16384  # tokens forwarded per step; longer prompts are prefilled in chunks
-    max_prefill_tokens_with_decodes: int | None = None  # prompt tokens in a step with decode rows; None: no cap
+    # prompt work in a step with decode rows, in tokens of short-context work (scheduler.prompt_work); None: no cap
+    max_prefill_tokens_with_decodes: int | None = 3072
     gpu_memory_utilization: float = 0.9
     kvcache_block_size: int = 128
     enable_prefix_caching: bool = True
@@ -62,12 +63,25 @@ class Config:
         """``max_num_seqs``, or before it is fitted to the KV cache, the most it can become."""
         return self.max_num_seqs or min(MAX_NUM_SEQS, self.max_num_batched_tokens)
 
+    @property
+    def attention_break_even(self) -> float:
+        """Keys at which a token's attention (4 * heads * head_dim FLOPs a key: QK and PV) costs as many FLOPs as
+        its linear layers (2 a weight): about 3,840 for Qwen3-0.6B. The scheduler weighs prompt tokens by it."""
+        c, head_dim = self.hf_config, head_dim_of(self.hf_config)
+        weights = (c.hidden_size * head_dim * 2 * (c.num_attention_heads + c.num_key_value_heads)
+                   + 3 * c.hidden_size * c.intermediate_size)
+        return weights / (2 * c.num_attention_heads * head_dim)
+
     def default_max_num_seqs(self, num_kv_blocks: int) -> int:
         """``max_num_seqs`` when left None: as many sequences of TYPICAL_SEQ_TOKENS (or max_model_len, if
         shorter) as the KV cache holds, from 1 to ``max_num_seqs_limit`` (a larger running set would mostly
         preempt)."""
         per_seq = min(self.max_model_len, TYPICAL_SEQ_TOKENS)
         return max(1, min(self.max_num_seqs_limit, num_kv_blocks * self.kvcache_block_size // per_seq))
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def check_values(args) -> None:

@@ -1,18 +1,23 @@
 """Chooses each step's batch under one token budget (``max_num_batched_tokens``): first one decode token for
 every running sequence that has sampled, then the next chunks of running sequences still prefilling, then
 waiting prompts (whole, or a first chunk when the budget left is smaller). A prompt longer than the budget is
-thus prefilled over several steps. In a step with decode rows, prompt tokens can be capped
-(``max_prefill_tokens_with_decodes``), so that a long prompt's chunks, whose attention reads its whole prefix, do
-not stall the decoding sequences beside them for long. Prompt chunks next to other rows leave PREFILL_WATERMARK of
-the KV cache free, so the decoding sequences can grow into it; when the cache still runs out, the newest sequences
-not yet in the batch are preempted and later recomputed. ``max_num_seqs`` bounds the running set.
+thus prefilled over several steps. In a step with decode rows, prompt work is capped as well
+(``max_prefill_tokens_with_decodes``), counted in tokens of short-context work: a token at position p counts
+1 + p / ``attention_break_even``, since its attention over p keys costs that much more than its linear layers.
+So a long prompt's late chunks, whose attention reads the whole prefix, are cut short and do not stall the
+decoding sequences beside them, while short prompts keep nearly the whole budget. Prompt chunks next to other
+rows leave PREFILL_WATERMARK of the KV cache free, so the decoding sequences can grow into it; when the cache
+still runs out, the newest sequences not yet in the batch are preempted and later recomputed. ``max_num_seqs``
+bounds the running set.
 
 With async scheduling the engine asks for the next batch while the current step still runs on the device:
 its sequences then hold a *pending* token, counted in their length but not yet known (the runner feeds it to
 the next step on the device). Sequences sure to finish with the pending token (length limits) are left out;
 one that stops on a sampled token (EOS, stop token) is found one step late and its extra token is dropped."""
 import logging
+import math
 from collections import deque
+from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.config import Config
@@ -25,11 +30,61 @@ MAX_LISTED_SEQS = 8
 PREFILL_WATERMARK = 0.01  # of the KV blocks, kept free of prompt chunks for decodes (vLLM v0's default, 1 %)
 
 
+def prompt_work(start: int, num_tokens: int, break_even: float) -> float:
+    """Work of prompt positions ``start .. start + num_tokens - 1`` in tokens of short-context work: each token
+    counts 1 for its linear layers plus (keys it attends to) / ``break_even`` for its attention."""
+    keys = num_tokens * start + num_tokens * (num_tokens + 1) / 2
+    return num_tokens + keys / break_even
+
+
+def prompt_tokens_within(work: float, start: int, break_even: float) -> int:
+    """The most prompt tokens from position ``start`` whose ``prompt_work`` fits in ``work`` (the positive root
+    of n + (n * start + n * (n + 1) / 2) / break_even = work, in the form that keeps precision for large
+    break_even)."""
+    if work <= 0:
+        return 0
+    b = 1 + (start + 0.5) / break_even
+    n = int(2 * work / (b + math.sqrt(b * b + 2 * work / break_even)))
+    return n - 1 if n and prompt_work(start, n, break_even) > work else n
+
+
+@dataclass
+class PromptBudget:
+    """What the prompt rows of one step may still take: tokens, and in a step with decode rows, work
+    (``prompt_work``; None: not counted). The first prompt row gets at least one token, so a prompt deep into a
+    long context still advances. A row cut short ends the step's prompt rows: only the last row of a batch may
+    stop short of its sequence's end (the runner takes the sampling rows' logits as the first ones)."""
+    tokens: int
+    work: float | None
+    break_even: float
+    first: bool = True
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing more fits anywhere (a token costs at least 1 of work)."""
+        return not self.tokens or (self.work is not None and self.work < 1 and not self.first)
+
+    def chunk(self, start: int, wanted: int) -> int:
+        """Tokens a row from position ``start`` that wants ``wanted`` more may take now."""
+        num_tokens = min(wanted, self.tokens)
+        if self.work is not None:
+            within = prompt_tokens_within(self.work, start, self.break_even)
+            num_tokens = min(num_tokens, max(within, int(self.first)))
+        return num_tokens
+
+    def spend(self, start: int, num_tokens: int, wanted: int) -> None:
+        self.tokens = self.tokens - num_tokens if num_tokens == wanted else 0
+        if self.work is not None:
+            self.work -= prompt_work(start, num_tokens, self.break_even)
+        self.first = False
+
+
 class Scheduler:
     def __init__(self, config: Config, num_blocks: int, eos_token_ids: set[int]):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_prefill_tokens_with_decodes = config.max_prefill_tokens_with_decodes or config.max_num_batched_tokens
+        self.max_prefill_tokens_with_decodes = config.max_prefill_tokens_with_decodes
+        self.attention_break_even = config.attention_break_even
         self.max_model_len = config.max_model_len
         self.eos_token_ids = eos_token_ids
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
@@ -53,10 +108,10 @@ class Scheduler:
         decoding, prefilling = [], []
         for seq in self.running:
             (decoding if seq.is_decoding else prefilling).append(seq)
-        budget = self._schedule_decodes(out, decoding, self.max_num_batched_tokens)
-        if out.num_decode_rows:
-            budget = min(budget, self.max_prefill_tokens_with_decodes)
-        budget = self._schedule_prefilling(out, prefilling, budget)
+        tokens = self._schedule_decodes(out, decoding, self.max_num_batched_tokens)
+        work = self.max_prefill_tokens_with_decodes if out.num_decode_rows else None
+        budget = PromptBudget(tokens, work, self.attention_break_even)
+        self._schedule_prefilling(out, prefilling, budget)
         if not out.num_preempted:
             self._schedule_waiting(out, budget)
         self._log(out)
@@ -83,23 +138,24 @@ class Scheduler:
                 self.block_manager.register_computed_blocks(seq)
         return budget - len(rows)
 
-    def _schedule_prefilling(self, out: SchedulerOutput, seqs: list[Sequence], budget: int) -> int:
-        """Rows for the next chunks of running sequences still prefilling, oldest first; returns the budget left.
+    def _schedule_prefilling(self, out: SchedulerOutput, seqs: list[Sequence], budget: PromptBudget) -> None:
+        """Rows for the next chunks of running sequences still prefilling, oldest first, within ``budget``.
         A chunk next to other rows waits rather than take the watermark's blocks or preempt anything."""
         for seq in seqs:
-            if not budget:
+            if budget.exhausted:
                 break
             if seq.status is not SequenceStatus.RUNNING or self._finishes_with_pending(seq):
                 continue  # preempted for an earlier row of this step, or done once its pending token is back
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            num_tokens = budget.chunk(seq.num_computed_tokens, seq.num_uncomputed_tokens)
+            if not num_tokens:
+                continue  # too little work is left for this one's long context
             if out.num_rows:
                 fits = self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens, reserve=self.watermark)
             else:
                 fits = self._allocate_or_preempt(out, seq, num_tokens)
             if fits:
+                budget.spend(seq.num_computed_tokens, num_tokens, seq.num_uncomputed_tokens)
                 self._add_row(out, seq, num_tokens)
-                budget -= num_tokens
-        return budget
 
     def _allocate_or_preempt(self, out: SchedulerOutput, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for ``num_tokens`` more tokens of ``seq``, preempting the newest running sequences not in the
@@ -112,16 +168,18 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: PromptBudget) -> None:
         """Admit waiting sequences in order while the budget, the running limit and the KV cache allow."""
-        while self.waiting and budget and len(self.running) < self.max_num_seqs:
+        while self.waiting and not budget.exhausted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending:
                 break  # preempted while its last token was in flight: recomputed once that token is known
             # prompt logprobs need every prompt position's logits, so such a request skips the prefix cache
             cached = [] if seq.params.prompt_logprobs is not None else self.block_manager.cached_prefix(seq)
             num_cached_tokens = len(cached) * self.block_manager.block_size
-            num_tokens = min(len(seq) - num_cached_tokens, budget)
+            num_tokens = budget.chunk(num_cached_tokens, len(seq) - num_cached_tokens)
+            if not num_tokens:
+                break
             reserve = self.watermark if out.num_rows else 0
             if not self.block_manager.allocate(seq, num_cached_tokens + num_tokens, cached, reserve):
                 break
@@ -131,8 +189,8 @@ class Scheduler:
             out.num_cached_tokens += num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
+            budget.spend(num_cached_tokens, num_tokens, len(seq) - num_cached_tokens)
             self._add_row(out, seq, num_tokens)
-            budget -= num_tokens
 
     def _add_row(self, out: SchedulerOutput, seq: Sequence, num_tokens: int) -> None:
         start = seq.num_computed_tokens

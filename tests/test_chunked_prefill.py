@@ -54,6 +54,19 @@ def test_long_prompts_in_chunks_mixed_with_decodes_match_hf(tiny_models, arch, a
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
+def test_chunks_cut_by_the_work_cap_beside_decodes_match_hf(tiny_models, async_scheduling):
+    """Beside decode rows a step takes at most 12 tokens of prompt work, a token at position p counting
+    1 + p / attention_break_even: the long prompts' late chunks shrink to a few tokens, down to the one-token floor."""
+    path = tiny_models["qwen2"]
+    prompts = random_prompts(512, (5, 300, 17, 213), seed=4)
+    outs, records = generate(path, prompts, max_new=12, max_prefill_tokens_with_decodes=12,
+                             async_scheduling=async_scheduling)
+    assert [o["token_ids"] for o in outs] == [expected(path, p, 12) for p in prompts]
+    mixed = [r.num_prefill_tokens for r in records if r.num_decode_seqs and r.num_prefill_tokens]
+    assert mixed and max(mixed) <= 12 and min(mixed) < 12
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
 def test_prefix_cache_hits_land_mid_chunk(tiny_models, async_scheduling):
     """Prompts sharing 120 tokens arrive together: each later one, first scheduled while the first is still
     being prefilled chunk by chunk, starts after the blocks computed so far (a multiple of 16, not of the

@@ -2,6 +2,7 @@
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.config import Config
 from tests.conftest import hf_greedy
 
 
@@ -113,6 +114,17 @@ def test_step_records_match_schedule(llm):
     assert [r.num_finished for r in records] == [0, 0, 2] and records[-1].num_running == 0
     assert all(r.kv_blocks_used + r.kv_blocks_free == llm.model_runner.num_blocks for r in records)
     assert [r.step for r in records] == list(range(records[0].step, records[0].step + 3))
+
+
+@pytest.mark.parametrize("shape,break_even", [
+    (dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128), 3840),
+    (dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64), 3072)])
+def test_attention_break_even_from_the_layer_shapes(tmp_path, shape, break_even):
+    """Qwen3-0.6B's and SmolLM2-135M's: the keys at which a token's attention FLOPs equal its linear layers'."""
+    from transformers import Qwen3Config
+
+    Qwen3Config(num_hidden_layers=2, **shape).save_pretrained(tmp_path)
+    assert Config(str(tmp_path), device="cpu").attention_break_even == break_even
 
 
 def test_invalid_engine_arguments():

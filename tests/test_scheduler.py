@@ -6,7 +6,7 @@ import pytest
 
 from engine import SamplingParams
 from engine.outputs import PENDING_TOKEN, SchedulerOutput
-from engine.scheduler import Scheduler
+from engine.scheduler import PromptBudget, Scheduler, prompt_tokens_within, prompt_work
 from engine.sequence import Sequence, SequenceStatus
 
 BS = 16
@@ -16,6 +16,7 @@ class FakeConfig:
     max_num_seqs = 8
     max_num_batched_tokens = 64
     max_prefill_tokens_with_decodes = None
+    attention_break_even = float("inf")  # prompt work = prompt tokens, unless a test says otherwise
     max_model_len = 256
     kvcache_block_size = BS
     enable_prefix_caching = True
@@ -75,6 +76,58 @@ def test_prefill_cap_applies_only_beside_decodes():
     while b.num_computed_tokens < 100:
         out = step(sch)
         assert out.num_decode_rows and out.total_num_scheduled_tokens - out.num_decode_rows <= 16
+
+
+@pytest.mark.parametrize("break_even", [1.0, 3.5, 40.0, 3840.0, 1e9, float("inf")])
+def test_prompt_tokens_within_is_the_largest_chunk_whose_work_fits(break_even):
+    for start in (0, 1, 7, 100, 5000, 20000):
+        for work in (0, 0.5, 1, 2, 3.7, 10, 64, 1000, 8192):
+            n = prompt_tokens_within(work, start, break_even)
+            assert prompt_work(start, n, break_even) <= work < prompt_work(start, n + 1, break_even)
+    assert prompt_work(10, 4, 2.0) == 4 + (11 + 12 + 13 + 14) / 2  # positions 10..13 attend to 11..14 keys
+
+
+def test_prompt_budget_floor_and_exhaustion():
+    budget = PromptBudget(tokens=100, work=3.0, break_even=10.0)
+    assert not budget.exhausted and budget.chunk(50, 20) == 1   # a token at 50 costs 6.1: the first row's floor
+    budget.spend(50, 1, 20)                                     # cut short: no other prompt row this step
+    assert budget.exhausted and budget.tokens == 0 and budget.chunk(0, 5) == 0
+    budget = PromptBudget(tokens=100, work=3.0, break_even=10.0)
+    budget.spend(0, 2, 2)                                       # 2 + 0.3 of work: 0.7 left, less than any token
+    assert budget.exhausted and budget.tokens == 98
+    assert not PromptBudget(tokens=5, work=None, break_even=10.0).exhausted
+
+
+def test_long_context_chunks_beside_decodes_are_cut_by_their_attention():
+    sch = make(max_num_batched_tokens=200, max_model_len=1024, n_blocks=80, max_prefill_tokens_with_decodes=32,
+               attention_break_even=64.0)
+    a, b, c = seq(10, max_tokens=200), seq(400, first=100), seq(10, first=600)
+    sch.add(a)
+    sch.add(b)
+    out = step(sch)                                # no decode rows yet: tokens only (10 + 190)
+    assert rows(out) == [(a.seq_id, 0, 10, True), (b.seq_id, 0, 190, False)]
+    sch.add(c)
+    out = step(sch)              # b from 190: each token counts ~4 (1 + ~190 / 64), so 32 of work buy 7 tokens
+    assert rows(out) == [(a.seq_id, 10, 1, True), (b.seq_id, 190, 7, False)]  # and c waits behind the cut chunk
+    assert prompt_work(190, 7, 64.0) <= 32 < prompt_work(190, 8, 64.0)
+    while b.num_computed_tokens < 400:             # every step stays within the work cap
+        out = step(sch)
+        prompt = list(zip(out.num_computed_tokens, out.num_scheduled_tokens))[out.num_decode_rows:]
+        assert out.num_decode_rows and sum(prompt_work(start, n, 64.0) for start, n in prompt) <= 32
+    step(sch)                                      # c, short and from position 0, is done within a step
+    assert c.completion_token_ids
+
+
+def test_a_prompt_deep_in_a_long_context_still_advances_one_token_a_step():
+    sch = make(max_num_batched_tokens=200, max_model_len=1024, n_blocks=80, max_prefill_tokens_with_decodes=2,
+               attention_break_even=1.0)
+    a, b = seq(10), seq(300, first=100)
+    sch.add(a)
+    sch.add(b)
+    step(sch)
+    for start in range(190, 195):                  # one token costs ~190 of work, the cap is 2: still one
+        out = step(sch)
+        assert rows(out)[1] == (b.seq_id, start, 1, False)
 
 
 def test_prompt_longer_than_budget_completes_in_chunks():
@@ -259,6 +312,11 @@ def check_batch(sch: Scheduler, out: SchedulerOutput, was_waiting: set[int], pen
         assert len(s.block_table) == -(-(start + n) // BS) and out.block_tables[i] is s.block_table
         for pos in range(start, start + n):
             writes[s.block_table[pos // BS], pos % BS] = s, pos
+    prompt_rows = list(zip(out.num_computed_tokens, out.num_scheduled_tokens))[out.num_decode_rows:]
+    one_token_floor = [n for _, n in prompt_rows] == [1]
+    if out.num_decode_rows and sch.max_prefill_tokens_with_decodes and not one_token_floor:
+        work = sum(prompt_work(start, n, sch.attention_break_even) for start, n in prompt_rows)
+        assert work <= sch.max_prefill_tokens_with_decodes
     for s, start in zip(out.seqs, out.num_computed_tokens):
         for pos in range(start if s.seq_id in was_waiting else 0):  # prefix-cache hits hold this prompt's K/V
             writer, writer_pos = writes[s.block_table[pos // BS], pos % BS]
@@ -269,11 +327,13 @@ SMALL_CACHE = 16  # blocks; at most this, the runs below preempt
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-@pytest.mark.parametrize("seed,budget,n_blocks,max_num_seqs", [
-    (0, 16, 13, 8), (1, 32, 11, 16), (2, 48, 12, 4), (3, 100, 14, 16), (4, 32, 64, 3), (5, 64, 64, 1)])
-def test_randomized_runs_keep_every_invariant(seed, budget, n_blocks, max_num_seqs, async_scheduling):
+@pytest.mark.parametrize("seed,budget,n_blocks,max_num_seqs,work_cap", [
+    (0, 16, 13, 8, None), (1, 32, 11, 16, None), (2, 48, 12, 4, None), (3, 100, 14, 16, None), (4, 32, 64, 3, None),
+    (5, 64, 64, 1, None), (6, 64, 64, 8, 40), (7, 100, 14, 16, 12)])
+def test_randomized_runs_keep_every_invariant(seed, budget, n_blocks, max_num_seqs, work_cap, async_scheduling):
     rng = random.Random(seed)
-    sch = make(n_blocks=n_blocks, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=160)
+    sch = make(n_blocks=n_blocks, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=160,
+               max_prefill_tokens_with_decodes=work_cap, attention_break_even=30.0)
     shared = [rng.randrange(1, 50) for _ in range(48)]
     seqs = []
     for _ in range(24):

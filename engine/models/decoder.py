@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine.config import head_dim_of
 from engine.context import get_context
 from engine.distributed import tp_size
 from engine.layers.attention import Attention
@@ -35,10 +36,6 @@ def rope_settings(config: PretrainedConfig) -> tuple[float, dict | None]:
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     scaling = params if params.get("rope_type", "default") != "default" else getattr(config, "rope_scaling", None)
     return theta, scaling
-
-
-def head_dim_of(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class DecoderAttention(nn.Module):
