@@ -11,6 +11,7 @@ class Context:
     num_decode_tokens: int = 0                 # prefill: rows [0, n) are decode rows of one token each
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    max_prompt_context: int = 0                # prefill: the longest context among the prompt rows
     slot_mapping: torch.Tensor | None = None   # [tokens] cache slot of each new token
     context_lens: torch.Tensor | None = None   # [B] cached + new tokens per sequence
     block_tables: torch.Tensor | None = None   # [B, max_blocks]

@@ -281,6 +281,7 @@ class ModelRunner:
         self._feed_pending(ids_d, *pending_d)
         set_context(is_prefill=True, cu_seqlens_q=cu_d, num_decode_tokens=batch.num_decode_rows,
                     max_seqlen_q=int(new_lens.max()), max_seqlen_k=int(context_lens.max()),
+                    max_prompt_context=int(context_lens[batch.num_decode_rows:].max(initial=0)),
                     slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d, decode_order=order_d)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] PREFILL tensors: input_ids=[%d], positions=[%d], slot_mapping=[%d]",

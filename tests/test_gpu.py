@@ -66,7 +66,7 @@ CASES = [
 ]
 
 
-def build_case(case: Case, path: str) -> None:
+def build_case(case: Case, path: str, max_positions: int = 2048) -> None:
     """A 2-layer random checkpoint of the case's layout, saved in bf16 (so the HF fp32 reference and the engine
     hold identical weights), with logits spread enough that most greedy choices are not ties."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
@@ -74,7 +74,7 @@ def build_case(case: Case, path: str) -> None:
     build_tokenizer(path)
     common = dict(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
                   num_hidden_layers=2, num_attention_heads=case.heads, num_key_value_heads=case.kv_heads,
-                  head_dim=case.head_dim, tie_word_embeddings=case.tied, max_position_embeddings=2048,
+                  head_dim=case.head_dim, tie_word_embeddings=case.tied, max_position_embeddings=max_positions,
                   rope_theta=case.theta, eos_token_id=0, bos_token_id=0, pad_token_id=0)
     if case.llama3_scaling:
         common["rope_scaling"] = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -202,6 +202,37 @@ def test_chunked_mixed_steps_fp32_equal_hf(case: Case, tmp_path):
     reference = [hf_greedy(path, p, STEPS, hf32) for p in prompts]
     equal, gaps = near_tie_report(hf32, prompts, reference, [o["token_ids"] for o in outs], 1e-3)
     print(f"\n[{case.name} fp32, budget 48] greedy {equal}/{STEPS * len(prompts)} steps equal; tie gaps {gaps}")
+
+
+def test_long_context_chunks_split_keys_fp32_equal_hf(tmp_path, monkeypatch):
+    """Prompt chunks deep in a 5,000-token context beside decode rows (a 256-token budget), their keys split over
+    several programs by the prefill kernel (the reduce kernel runs): in fp32 greedy equals HF (a difference only
+    at an fp32 tie closer than 1e-3)."""
+    from engine.kernels import triton_attention
+    launched = []
+
+    def spy(kernel, grid):
+        launched.append(kernel.fn.__name__)
+        return launch(kernel, grid)
+    launch = triton_attention.launch
+    monkeypatch.setattr(triton_attention, "launch", spy)
+    case = CASES[0]
+    path = str(tmp_path / "model")
+    build_case(case, path, max_positions=8192)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, case.vocab) for _ in range(n)] for n in (5000, 3100, 40, 200)]
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=256, max_model_len=8192, gpu_memory_utilization=0.25)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert "_prefill_reduce_kernel" in launched
+    from transformers import AutoModelForCausalLM
+    hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    reference = [hf_greedy(path, p, STEPS, hf32) for p in prompts]
+    equal, gaps = near_tie_report(hf32, prompts, reference, [o["token_ids"] for o in outs], 1e-3)
+    print(f"\n[{case.name} fp32, 5,000-token context, budget 256, split keys] greedy {equal}/{STEPS * len(prompts)} "
+          f"steps equal; tie gaps {gaps}")
 
 
 SMOLLM2_QUESTIONS = [

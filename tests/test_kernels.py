@@ -109,7 +109,7 @@ def check_shared_decode(context_lens, shared, num_heads, num_kv_heads, head_dim,
 
 
 def check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
-                  seed, config=None):
+                  seed, config=None, max_context=None):
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, tables, lens = make_paged(context_lens, num_kv_heads, head_dim,
                                                 block_size, dtype, gen)
@@ -117,8 +117,8 @@ def check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
     scale = head_dim ** -0.5
     out = triton_attention.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale,
-                                                   max(q_lens), out=poisoned_like(q),
-                                                   config=config)
+                                                   max(q_lens), max_context=max_context,
+                                                   out=poisoned_like(q), config=config)
     ref = reference.paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, tables, scale)
     assert rel_error(out, ref) < TOLERANCE[dtype]
 
@@ -229,6 +229,34 @@ def test_prefill_default_config_and_max_seqlen_from_cu():
     assert rel_error(out, ref) < TOLERANCE[torch.float32]
 
 
+@small
+@pytest.mark.parametrize("num_splits", [2, 3, 16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype", [(9, 3, 64, torch.float32), (10, 2, 80, torch.float16),
+                                                                   (4, 4, 32, torch.float32)])
+def test_prefill_key_splits_small(num_splits, num_heads, num_kv_heads, head_dim, dtype):
+    """Keys split over several programs: chunks deep in a context (the first query rows of a tile see no key of the
+    last splits: empty parts), a tile whose keys fit in the first split (written directly), a prompt without
+    prefix, a single token, more splits than key tiles; with the split length from ``max_context`` and from the
+    block table's width."""
+    q_lens, context_lens = [9, 20, 1, 33, 3], [9, 150, 97, 120, 140]
+    config = triton_attention.PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, num_splits=num_splits)
+    for max_context in (max(context_lens), None):
+        check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, 16, dtype,
+                      seed=num_splits + num_heads, config=config, max_context=max_context)
+
+
+def test_prefill_num_splits():
+    """One split when the grid fills two waves or the context is short; else toward four waves, each split at least
+    PREFILL_MIN_SPLIT_KEYS keys, the partials within PREFILL_PARTIAL_BYTES."""
+    sms = 132
+    assert triton_attention.prefill_num_splits(2 * sms, 20_000, 700, 16, 128, sms) == 1
+    assert triton_attention.prefill_num_splits(88, 2047, 700, 16, 128, sms) == 1       # under two splits' keys
+    assert triton_attention.prefill_num_splits(88, 20_000, 700, 16, 128, sms) == 6     # 4 waves: cdiv(528, 88)
+    assert triton_attention.prefill_num_splits(8, 20_000, 60, 16, 128, sms) == 16      # at most PREFILL_MAX_SPLITS
+    assert triton_attention.prefill_num_splits(8, 5_000, 60, 16, 128, sms) == 4        # 5,000 // 1,024 keys
+    assert triton_attention.prefill_num_splits(8, 50_000, 1_000, 32, 256, sms) == 2    # 64 MiB // 32.8 MB a split
+
+
 # Head layouts of real checkpoints at small scale: (query heads, KV heads, head_dim). GQA groups 1, 2, 3, 5, 7, 8;
 # head_dim 64 / 80 / 96 / 128 / 256 (80 and 96 are not powers of two: the kernels mask the padded lanes).
 REAL_HEADS = [(9, 3, 64),     # SmolLM2-135M
@@ -285,7 +313,7 @@ def check_mixed_step(num_heads, num_kv_heads, head_dim, dtype, seed):
     layer = Attention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
     layer.k_cache, layer.v_cache = k_cache, v_cache
     set_context(is_prefill=True, cu_seqlens_q=cu, num_decode_tokens=3, max_seqlen_q=max(q_lens),
-                max_seqlen_k=max(contexts), slot_mapping=slots, context_lens=lens,
+                max_seqlen_k=max(contexts), max_prompt_context=max(contexts[3:]), slot_mapping=slots, context_lens=lens,
                 block_tables=tables, decode_order=torch.tensor([1, 0, 2], device=DEVICE))
     try:
         Attention.backend = "triton"
@@ -299,8 +327,21 @@ def check_mixed_step(num_heads, num_kv_heads, head_dim, dtype, seed):
 
 @small
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (10, 2, 80), (16, 8, 128)])
-def test_mixed_step_attention_small(num_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("min_split_keys", [1024, 8])
+def test_mixed_step_attention_small(num_heads, num_kv_heads, head_dim, min_split_keys, monkeypatch):
+    """Also with the chunks' keys split (the split count from the step's longest prompt context, on a GPU of 64
+    SMs): the reduce kernel runs exactly then."""
+    launched = []
+
+    def spy(kernel, grid):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return launch(kernel, grid)
+    launch = triton_attention.launch
+    monkeypatch.setattr(triton_attention, "launch", spy)
+    monkeypatch.setattr(triton_attention, "_num_sms", lambda device: 64)
+    monkeypatch.setattr(triton_attention, "PREFILL_MIN_SPLIT_KEYS", min_split_keys)
     check_mixed_step(num_heads, num_kv_heads, head_dim, torch.float32, seed=num_heads + head_dim)
+    assert ("_prefill_reduce_kernel" in launched) == (min_split_keys == 8)
 
 
 # ---------------------------------------------------------------------- GPU tier (real sizes)
@@ -362,6 +403,19 @@ def test_prefill_gpu(block_size, num_heads, num_kv_heads):
     context_lens = [1000, 37 + 700, 4000, 8192, 513 + block_size]
     check_prefill(q_lens, context_lens, num_heads, num_kv_heads, 128, block_size,
                   torch.bfloat16, seed=block_size + 3 * num_heads)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(16, 8, 128), (9, 3, 64), (12, 4, 96)])
+def test_prefill_gpu_long_context_chunks(num_heads, num_kv_heads, head_dim):
+    """W6's prompt chunks: a few hundred tokens deep in 16k-token contexts, whose few query tiles split their keys
+    (the default split count from ``max_context``), beside a short prompt; bf16 at the engine's block size."""
+    q_lens, context_lens = [700, 300, 90], [16_500, 9_000, 90]
+    programs = 6 * 3 * num_kv_heads  # at most 6 query tiles a row (700 x 2 / 128 for Qwen3), 3 rows
+    assert triton_attention.prefill_num_splits(programs, 16_500, 1090, num_heads, head_dim, 132) > 1
+    check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, 128, torch.bfloat16,
+                  seed=head_dim, max_context=max(context_lens))
 
 
 @gpu

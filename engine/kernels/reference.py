@@ -41,12 +41,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                                 block_tables: torch.Tensor, scale: float,
-                                max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                                max_seqlen_q: int | None = None, *, max_context: int | None = None,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill attention where each sequence's new tokens are the last ones of its cached context.
 
     q: ``[total_q, num_heads, head_dim]``, sequences packed back to back (``cu_seqlens_q`` ``[B+1]``);
     ``context_lens[b]`` counts cached + new tokens; K/V are read from the cache (already stored).
-    ``max_seqlen_q`` is a launch-size hint used by the Triton kernel; the reference ignores it. ``out``
+    ``max_seqlen_q`` and ``max_context`` are launch-size hints for the Triton kernel; the reference ignores them. ``out``
     (shape of q), if given, is written at the rows of these sequences only.
     """
     out = torch.empty_like(q) if out is None else out

@@ -9,7 +9,7 @@ with ``scale * log2(e)`` folded into the scores; accumulation is fp32.
 See docs/kernels-notes.md for the design and the measured numbers.
 """
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -38,6 +38,7 @@ class PrefillConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 2
+    num_splits: int | None = None  # key splits; None: from the shapes when the caller gives max_context
 
 
 @triton.jit
@@ -58,12 +59,16 @@ def _kv_rows(block_table_ptr, tile, offs_n, mask, stride_block, stride_token,
 
 
 @triton.jit
-def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr, MAY_BE_EMPTY: tl.constexpr = False):
     """Fold one tile of (scaled, masked) scores and its V rows into the running row max
-    ``m_i``, denominator ``l_i`` and unnormalised output ``acc``."""
+    ``m_i``, denominator ``l_i`` and unnormalised output ``acc``. MAY_BE_EMPTY: a row may have seen no
+    visible key yet (a key split after its query position), so its max can still be -inf."""
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    m_ref = m_new
+    if MAY_BE_EMPTY:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # exp2(-inf - -inf) would be NaN
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -250,27 +255,53 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_b
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-# A mixed step's prefill rows follow its decode rows: the kernel gets the per-row tensors from that offset on, so
-# their alignment (like the block-table stride) changes from step to step and must not select a variant.
-@triton.jit(do_not_specialize=["cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr", "stride_bt"])
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr,
-                    block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_bt, stride_cb, stride_ct, stride_ch,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Grid (row tile, batch, kv_head). The rows of a tile are (query token, head in group)
-    pairs, token-major, so the GROUP query heads of a KV head share every K/V tile. Query token
-    ``i`` of a sequence sits at position ``context_len - q_len + i`` and sees keys up to it."""
-    row_tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+@triton.jit
+def _prefill_tile(cu_seqlens_ptr, context_lens_ptr, row_tile, seq, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where query tile ``row_tile`` of prompt row ``seq`` lies: its rows are (query token, head in group) pairs,
+    token-major. Returns the row's first packed token, new-token count, context length, the tile's first row
+    and the position of its last query token (``q_len == 0`` past the row's tiles)."""
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    context_len = tl.load(context_lens_ptr + seq)
     first_row = row_tile * BLOCK_M
+    prefix_len = context_len - q_len
+    last_pos = tl.minimum(prefix_len + (first_row + BLOCK_M - 1) // GROUP, context_len - 1)
+    return q_start, q_len, context_len, first_row, last_pos
+
+
+# A mixed step's prefill rows follow its decode rows: the kernel gets the per-row tensors from that offset on, so
+# their alignment (like the block-table stride) changes from step to step and must not select a variant. So does
+# the key split length, chosen per step from the longest context.
+@triton.jit(do_not_specialize=["cu_seqlens_ptr", "context_lens_ptr", "block_tables_ptr", "stride_bt", "split_len",
+                               "num_splits"])
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr, cu_seqlens_ptr, context_lens_ptr,
+                    block_tables_ptr, qk_scale, split_len, num_splits, stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_bt, stride_cb, stride_ct, stride_ch,
+                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (row tile, batch, kv_head + num_kv_heads * split). The rows of a tile are (query token, head in
+    group) pairs, token-major, so the GROUP query heads of a KV head share every K/V tile. Query token ``i`` of a
+    sequence sits at position ``context_len - q_len + i`` and sees keys up to it.
+
+    With SPLIT, split ``s`` covers keys ``[s * split_len, (s + 1) * split_len)`` of the tile's visible range, so
+    a few query tiles deep in a long context still fill the GPU; a tile whose keys fit in one split writes its
+    output directly, the others write partials that :func:`_prefill_reduce_kernel` merges."""
+    row_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2) % (NUM_HEADS // GROUP)
+    q_start, q_len, context_len, first_row, last_pos = _prefill_tile(cu_seqlens_ptr, context_lens_ptr, row_tile,
+                                                                     seq, GROUP, BLOCK_M)
     if first_row >= q_len * GROUP:
         return
-    context_len = tl.load(context_lens_ptr + seq)
+    key_start = 0
+    key_end = last_pos + 1
+    if SPLIT:
+        split = tl.program_id(2) // (NUM_HEADS // GROUP)
+        key_start = split * split_len
+        if key_start > last_pos:
+            return
+        key_end = tl.minimum(key_start + split_len, key_end)
     prefix_len = context_len - q_len
 
     rows = first_row + tl.arange(0, BLOCK_M)
@@ -294,8 +325,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_p
     # Keys before `unmasked_end` are visible to every row of the tile: no causal mask there.
     # (Two separate loops, unmasked then masked, measured ~10% slower than this branch.)
     unmasked_end = (prefix_len + first_row // GROUP + 1) // BLOCK_N * BLOCK_N
-    last_pos = tl.minimum(prefix_len + (first_row + BLOCK_M - 1) // GROUP, context_len - 1)
-    for tile in range(0, last_pos + 1, BLOCK_N):
+    for tile in range(key_start, key_end, BLOCK_N):
         tokens = tile + offs_n
         valid = tokens < context_len
         kv_rows = _kv_rows(block_table, tile, offs_n, valid, stride_cb, stride_ct, BLOCK_SIZE,
@@ -307,12 +337,53 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, context_lens_p
             visible = (tokens[None, :] <= q_pos[:, None]) & valid[None, :]
             scores = tl.where(visible, scores, float("-inf"))
         v = tl.load(v_base + kv_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION, SPLIT)
 
-    acc = acc / l_i[:, None]
-    tokens_o = (q_start + q_idx).to(tl.int64)
-    tl.store(out_ptr + tokens_o[:, None] * stride_ot + heads[:, None] * stride_oh
-             + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    if SPLIT and (last_pos >= split_len):  # (a row with no visible key here stores an empty part)
+        _store_partial(part_out_ptr, part_lse_ptr, (tokens_q * NUM_HEADS + heads) * num_splits + split,
+                       acc, m_i, l_i, offs_d, row_mask, HEAD_DIM)
+    else:
+        acc = acc / l_i[:, None]
+        tl.store(out_ptr + tokens_q[:, None] * stride_ot + heads[:, None] * stride_oh
+                 + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["cu_seqlens_ptr", "context_lens_ptr", "split_len", "num_splits"])
+def _prefill_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr, split_len,
+                           num_splits, stride_ot, stride_oh, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (row tile, batch, kv_head), the prefill kernel's tiles: merge each row's key-split partials by their
+    log2-sum-exp; a no-op for tiles whose keys fit in one split (the prefill kernel wrote those)."""
+    row_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start, q_len, context_len, first_row, last_pos = _prefill_tile(cu_seqlens_ptr, context_lens_ptr, row_tile,
+                                                                     seq, GROUP, BLOCK_M)
+    if (first_row >= q_len * GROUP) | (last_pos < split_len):
+        return
+    rows = first_row + tl.arange(0, BLOCK_M)
+    q_idx = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_mask = q_idx < q_len
+    tokens_q = (q_start + q_idx).to(tl.int64)
+    offs_d = tl.arange(0, DIM_P2)
+    mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    slot = (tokens_q * NUM_HEADS + heads) * num_splits
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)  # finite: an empty part's weight is set to 0, not exp2(nan)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_P2], tl.float32)
+    for split in range(0, tl.cdiv(last_pos + 1, split_len)):
+        lse = tl.load(part_lse_ptr + slot + split, mask=row_mask, other=float("-inf"))
+        part = tl.load(part_out_ptr + (slot + split)[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2(m_i - m_new)
+        weight = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - m_new))
+        l_i = l_i * alpha + weight
+        acc = acc * alpha[:, None] + part * weight[:, None]
+        m_i = m_new
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + tokens_q[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -429,24 +500,50 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+# Key splits of a prompt chunk deep in a long context (fewer query tiles than the GPU has SMs): the bf16 prefill
+# tile (128 query rows x 128 keys, 2 stages) fits once per SM, so a step whose tiles x KV heads fill less than two
+# waves splits their keys into parts of at least PREFILL_MIN_SPLIT_KEYS, aiming at PREFILL_SPLIT_WAVES waves.
+PREFILL_SPLIT_WAVES = 4
+PREFILL_MIN_SPLIT_KEYS = 1024
+PREFILL_MAX_SPLITS = 16
+PREFILL_PARTIAL_BYTES = 64 << 20  # the fp32 partials of one call at most
+
+
+def prefill_num_splits(programs: int, max_context: int, tokens: int, num_heads: int, head_dim: int,
+                       num_sms: int) -> int:
+    """Key splits for a prefill grid of ``programs`` (query tiles x KV heads) whose longest context is
+    ``max_context``: one when the grid fills two waves or the context is short, else enough for
+    ``PREFILL_SPLIT_WAVES`` waves, each split at least ``PREFILL_MIN_SPLIT_KEYS`` keys, the partials of
+    ``tokens`` query tokens within ``PREFILL_PARTIAL_BYTES``."""
+    if programs >= 2 * num_sms:
+        return 1
+    wanted = triton.cdiv(PREFILL_SPLIT_WAVES * num_sms, programs)
+    by_keys = max_context // PREFILL_MIN_SPLIT_KEYS
+    by_memory = PREFILL_PARTIAL_BYTES // max(1, tokens * num_heads * head_dim * 4)
+    return max(1, min(wanted, by_keys, by_memory, PREFILL_MAX_SPLITS))
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                             block_tables: torch.Tensor, scale: float,
-                            max_seqlen_q: int | None = None, *, out: torch.Tensor | None = None,
-                            config: PrefillConfig | None = None) -> torch.Tensor:
+                            max_seqlen_q: int | None = None, *, max_context: int | None = None,
+                            out: torch.Tensor | None = None, config: PrefillConfig | None = None) -> torch.Tensor:
     """Causal varlen prefill over the paged cache (see the reference for the semantics).
 
     q ``[total_q, num_heads, head_dim]`` (last dim contiguous); ``cu_seqlens_q [B+1]``,
     ``context_lens [B]`` and ``block_tables [B, max_blocks]`` are int32 device tensors. The new
     tokens' K/V must already be in the cache. ``max_seqlen_q`` sizes the grid and must be at
     least the longest new-token count (rows past it are not computed); when None it is read
-    from ``cu_seqlens_q`` with a host sync. ``out`` (shape of q, last dim contiguous) is
-    written if given.
+    from ``cu_seqlens_q`` with a host sync. ``max_context`` (the longest of ``context_lens``, a host int), if
+    given, lets a grid of few query tiles split long contexts' keys over several programs
+    (:func:`prefill_num_splits`; ``config.num_splits`` overrides it). ``out`` (shape of q, last dim contiguous)
+    is written if given.
     """
     group = _check_cache(q, k_cache, v_cache)
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     batch = context_lens.shape[0]
-    config = config or _default_prefill_config(q.dtype, q.shape[2])
+    tokens, num_heads, head_dim = q.shape
+    config = config or _default_prefill_config(q.dtype, head_dim)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
@@ -454,26 +551,42 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
     if batch == 0 or max_seqlen_q == 0:
         return out
-    grid = (triton.cdiv(max_seqlen_q * group, config.block_m), batch, num_kv_heads)
-    launch(_prefill_kernel, grid)(
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, HEAD_DIM=q.shape[2], DIM_P2=triton.next_power_of_2(q.shape[2]),
-        BLOCK_SIZE=block_size, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+    row_tiles = triton.cdiv(max_seqlen_q * group, config.block_m)
+    num_splits = config.num_splits or (1 if max_context is None else prefill_num_splits(
+        row_tiles * batch * num_kv_heads, max_context, tokens, num_heads, head_dim, _num_sms(q.device)))
+    span = max_context if max_context is not None else block_tables.shape[1] * block_size  # the longest context
+    split_len = triton.cdiv(triton.cdiv(span, num_splits), config.block_n) * config.block_n
+    if num_splits > 1:
+        part_out = torch.empty((tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((tokens, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused without splits
+    shapes = dict(NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, DIM_P2=triton.next_power_of_2(head_dim),
+                  BLOCK_M=config.block_m)
+    launch(_prefill_kernel, (row_tiles, batch, num_kv_heads * num_splits))(
+        q, k_cache, v_cache, out, part_out, part_lse, cu_seqlens_q, context_lens, block_tables, scale * _LOG2E,
+        split_len, num_splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), BLOCK_SIZE=block_size, BLOCK_N=config.block_n,
+        SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype), **shapes,
         num_warps=config.num_warps, num_stages=config.num_stages)
+    if num_splits > 1:
+        launch(_prefill_reduce_kernel, (row_tiles, batch, num_kv_heads))(
+            part_out, part_lse, out, cu_seqlens_q, context_lens, split_len, num_splits, out.stride(0),
+            out.stride(1), **shapes, num_warps=4)
     return out
 
 
 def compile_paged_prefill(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """Compile :func:`paged_prefill_attention`'s kernel for these caches (call it inside
-    :func:`engine.kernels.warmup.ahead_of_time`): the start-up's forward passes have no cached context, so without
-    this the first step with some (a chunked prompt, a prefix-cache hit, a mixed step) would compile it."""
+    """Compile :func:`paged_prefill_attention`'s kernels for these caches, with and without key splits (call it
+    inside :func:`engine.kernels.warmup.ahead_of_time`): the start-up's forward passes have no cached context, so
+    without this the first step with some (a chunked prompt, a prefix-cache hit, a mixed step) would compile them."""
     device, head_dim = k_cache.device, k_cache.shape[-1]
     q = torch.empty(1, num_heads, head_dim, dtype=k_cache.dtype, device=device)
     ints = torch.zeros(2, dtype=torch.int32, device=device)  # nothing runs: only the arguments' types count
-    paged_prefill_attention(q, k_cache, v_cache, ints, ints[:1], ints[None, :1], 1.0, max_seqlen_q=1)
+    config = _default_prefill_config(k_cache.dtype, head_dim)
+    for splits in (1, 2):
+        paged_prefill_attention(q, k_cache, v_cache, ints, ints[:1], ints[None, :1], 1.0, max_seqlen_q=1,
+                                config=replace(config, num_splits=splits))
 
 
 def _default_decode_config(dtype: torch.dtype, head_dim: int) -> DecodeConfig:

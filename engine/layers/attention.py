@@ -99,7 +99,8 @@ class Attention(nn.Module):
             _decode(self.backend)(q[:n], self.k_cache, self.v_cache, ctx.block_tables[:n], ctx.context_lens[:n],
                                   self.scale, order=ctx.decode_order, out=out[:n])
         return prefill(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q[n:], ctx.context_lens[n:],
-                       ctx.block_tables[n:], self.scale, ctx.max_seqlen_q, out=out)
+                       ctx.block_tables[n:], self.scale, ctx.max_seqlen_q, max_context=ctx.max_prompt_context,
+                       out=out)
 
 
 def _use_varlen(q: torch.Tensor) -> bool:
