@@ -259,7 +259,7 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_b
 def _prefill_tile(cu_seqlens_ptr, context_lens_ptr, row_tile, seq, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Where query tile ``row_tile`` of prompt row ``seq`` lies: its rows are (query token, head in group) pairs,
     token-major. Returns the row's first packed token, new-token count, context length, the tile's first row
-    and the position of its last query token (``q_len == 0`` past the row's tiles)."""
+    (at or past ``q_len * GROUP`` for tiles past the row's last token) and the position of its last query token."""
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
     context_len = tl.load(context_lens_ptr + seq)
