@@ -349,3 +349,40 @@ def test_no_kernel_variant_compiles_mid_run(tmp_path):
         llm.shutdown()
     assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
     assert not first_uses, f"kernel variants first used mid-run: {first_uses}"
+
+
+def test_launching_a_step_never_waits_for_the_device(tmp_path):
+    """With async scheduling the host prepares and queues step k+1 while step k runs; any device-to-host wait on
+    that path (``.item()``, ``nonzero``, a pageable copy back) would leave the GPU idle each step. Under
+    ``torch.cuda.set_sync_debug_mode("error")`` such a wait raises: the forward and sampling launches of greedy,
+    seeded, top-p and plain rows, chunked prompts beside decodes, prefix-cache hits, with CUDA graphs."""
+    case = CASES[0]
+    build_case(case, str(tmp_path))
+    llm = LLM(str(tmp_path), max_model_len=1024, max_num_batched_tokens=512)
+    runner = llm.model_runner
+    launches = []
+
+    def strict(fn):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                launches.append(fn.__name__)
+        return call
+    runner.forward, runner.sample = strict(runner.forward), strict(runner.sample)
+    try:
+        rng = random.Random(6)
+        prefix = [rng.randrange(3, case.vocab) for _ in range(300)]
+        prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 600))]
+                   for i in range(120)]
+        kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
+                 dict(temperature=0.6)]
+        params = [SamplingParams(max_tokens=rng.randint(1, 64), ignore_eos=True, **kinds[i % 4])
+                  for i in range(len(prompts))]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
+    assert launches.count("forward") > 20 and launches.count("sample") > 20
