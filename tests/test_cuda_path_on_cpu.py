@@ -130,7 +130,9 @@ def test_half_precision_with_split_k_products_near_hf(shaped_models, kernel_call
 
 
 SEEDED = [SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=7),
-          SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=8, ignore_eos=True, seed=3)]
+          SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=8, ignore_eos=True, seed=3),
+          SamplingParams(temperature=1.0, max_tokens=12, seed=5, choice=["red", "green", "blue"]),
+          SamplingParams(temperature=0.9, max_tokens=12, seed=6, regex=r"[0-9]{3}-[a-z]{2}")]
 
 
 def seeded_samples(path: str) -> list[list[list[int]]]:
@@ -148,7 +150,8 @@ def seeded_on_cpu_path(shaped_models) -> list[list[list[int]]]:
 @small
 def test_seeded_sampling_equals_the_cpu_path(shaped_models, seeded_on_cpu_path, kernel_calls):
     """A seeded request draws its noise from a hash of (seed, position, token id), in the Gumbel kernel as in PyTorch,
-    so it samples the same tokens on either path (plain temperature, and top-k/top-p masks before the kernel)."""
+    so it samples the same tokens on either path: plain temperature, top-k/top-p masks before the kernel, and grammar
+    bitmasks, which the kernel applies itself."""
     assert seeded_samples(shaped_models[SHAPES[0]]) == seeded_on_cpu_path
     assert ran(kernel_calls) >= EVERY_STEP_KERNELS | {"gumbel_argmax"}, kernel_calls
 
