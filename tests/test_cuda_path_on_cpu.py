@@ -21,7 +21,7 @@ import torch
 
 from tests.triton_tiers import ON_GPU, in_fresh_interpreter, run_in_fresh_interpreter, small  # before Triton
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, model_runner
 from engine.demo import build_tiny_model, smollm2_gguf_file
 from engine.layers import fusion
 from tests.conftest import hf_model
@@ -46,12 +46,11 @@ def kernel_calls(monkeypatch) -> collections.Counter:
     """Send the CPU engine down its CUDA path: every engine module's ``use_triton_kernels`` says yes on any device and
     the runner picks the triton attention backend. Returns a count of the calls each Triton entry point gets, so
     a test can show they ran."""
-    import engine.model_runner
     real = fusion.use_triton_kernels
     for module in [m for name, m in sys.modules.items() if name.startswith("engine.")]:
         if getattr(module, "use_triton_kernels", None) is real:
             monkeypatch.setattr(module, "use_triton_kernels", lambda x: True)
-    monkeypatch.setattr(engine.model_runner, "select_backend", lambda device, block_size: "triton")
+    monkeypatch.setattr(model_runner, "select_backend", lambda device, block_size: "triton")
     calls = collections.Counter()
     for module_name, names in KERNELS.items():
         module = importlib.import_module(module_name)
