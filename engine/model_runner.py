@@ -282,7 +282,8 @@ class ModelRunner:
         set_context(is_prefill=True, cu_seqlens_q=cu_d, num_decode_tokens=batch.num_decode_rows,
                     max_seqlen_q=int(new_lens.max()), max_seqlen_k=int(context_lens.max()),
                     max_prompt_context=int(context_lens[batch.num_decode_rows:].max(initial=0)),
-                    slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d, decode_order=order_d)
+                    slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d, decode_order=order_d,
+                    decode_split_plan=self._split_plan(context_lens[order]))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] PREFILL tensors: input_ids=[%d], positions=[%d], slot_mapping=[%d]",
                          self.rank, num_tokens, num_tokens, num_tokens)
@@ -300,15 +301,25 @@ class ModelRunner:
         input_ids = np.fromiter((t[0] for t in batch.token_ids), dtype=np.int64, count=n)
         shared = np.array([shared_prefix_blocks(tables, lengths) if self._cascade(n) else 0])
         pending = self._pending_inputs(batch, input_ids, np.arange(n))
+        order = longest_first(positions)
         ids_d, positions_d, slots_d, context_d, tables_d, shared_d, order_d, *pending_d = self._upload(
-            input_ids, positions, slot_mapping, positions + 1, tables, shared, longest_first(positions), *pending)
+            input_ids, positions, slot_mapping, positions + 1, tables, shared, order, *pending)
         self._feed_pending(ids_d, *pending_d)
         set_context(is_prefill=False, slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d,
-                    shared_blocks=shared_d if shared[0] else None, decode_order=order_d)
+                    shared_blocks=shared_d if shared[0] else None, decode_order=order_d,
+                    decode_split_plan=self._split_plan(positions[order] + 1))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] DECODE tensors: input_ids=[%d], positions=[%d], context_lens=[%d], "
                          "block_tables=%s, shared_prefix_blocks=%d", self.rank, n, n, n, list(tables.shape), shared[0])
         return ids_d, positions_d
+
+    def _split_plan(self, context_lens_desc: np.ndarray) -> tuple[int, int] | None:
+        """Which of a step's decode rows (context lengths, longest first) the Triton decode kernel splits: the few
+        much longer than the rest (``long_row_split_plan``); a decode-only step with such rows runs eagerly."""
+        if Attention.backend != "triton" or not len(context_lens_desc):
+            return None
+        from engine.kernels.triton_attention import long_row_split_plan
+        return long_row_split_plan(context_lens_desc, self.attention_layers[0].num_kv_heads, self.device)
 
     def _cascade(self, batch: int) -> bool:
         """Whether a decode batch of this size may attend to its shared prefix blocks once (cascade attention):
@@ -484,6 +495,8 @@ class ModelRunner:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode_only: bool) -> torch.Tensor:
         graphs = self.decode_graphs if decode_only else self.piecewise_graphs
+        if decode_only and get_context().decode_split_plan is not None:
+            graphs = None  # the graphs' splits depend on the batch size only; a few long rows need their own
         size = graphs.padded_size(input_ids.shape[0]) if graphs is not None else None
         if size is None:
             return self.model(input_ids, positions)

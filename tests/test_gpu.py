@@ -235,6 +235,38 @@ def test_long_context_chunks_split_keys_fp32_equal_hf(tmp_path, monkeypatch):
           f"steps equal; tie gaps {gaps}")
 
 
+def test_long_rows_among_short_split_fp32_equal_hf(tmp_path, monkeypatch):
+    """One 3,000-token row decoding among 180 short ones: its keys are split (the step's plan; decode-only steps
+    with a plan run eagerly, outside the decode graphs), the short rows' are not; in fp32 greedy equals HF on the
+    long row and eight short ones (a difference only at an fp32 tie closer than 1e-3)."""
+    from engine.kernels import triton_attention
+    plans = []
+    decode = triton_attention.paged_decode_attention
+
+    def spy(*args, split_plan=None, **kwargs):
+        plans.append(split_plan)
+        return decode(*args, split_plan=split_plan, **kwargs)
+    monkeypatch.setattr(triton_attention, "paged_decode_attention", spy)
+    case = CASES[0]
+    path = str(tmp_path / "model")
+    build_case(case, path, max_positions=4096)
+    rng = random.Random(10)
+    prompts = [[rng.randrange(3, case.vocab) for _ in range(n)] for n in [3000] + [rng.randint(5, 40) for _ in range(180)]]
+    llm = LLM(path, dtype="float32", max_model_len=4096, gpu_memory_utilization=0.25)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert (1, 3) in plans, f"no step split the long row alone: {set(plans)}"
+    from transformers import AutoModelForCausalLM
+    hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    checked = prompts[:9]
+    reference = [hf_greedy(path, p, STEPS, hf32) for p in checked]
+    equal, gaps = near_tie_report(hf32, checked, reference, [o["token_ids"] for o in outs[:9]], 1e-3)
+    print(f"\n[{case.name} fp32, a 3,000-token row among 180 short, its keys split] greedy {equal}/{STEPS * 9} steps "
+          f"equal; tie gaps {gaps}")
+
+
 SMOLLM2_QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
     "Who wrote Romeo and Juliet?", "Explain photosynthesis in one sentence.",
