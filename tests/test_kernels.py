@@ -279,7 +279,7 @@ def test_prefill_default_config_and_max_seqlen_from_cu():
 @small
 @pytest.mark.parametrize("num_splits", [2, 3, 16])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype", [(9, 3, 64, torch.float32), (10, 2, 80, torch.float16),
-                                                                   (4, 4, 32, torch.float32)])
+                                                                   (14, 2, 64, torch.float32), (4, 4, 32, torch.float32)])
 def test_prefill_key_splits_small(num_splits, num_heads, num_kv_heads, head_dim, dtype):
     """Keys split over several programs: chunks deep in a context (the first query rows of a tile see no key of the
     last splits: empty parts), a tile whose keys fit in the first split (written directly), a prompt without
