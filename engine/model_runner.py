@@ -315,7 +315,8 @@ class ModelRunner:
 
     def _split_plan(self, context_lens_desc: np.ndarray) -> tuple[int, int] | None:
         """Which of a step's decode rows (context lengths, longest first) the Triton decode kernel splits: the few
-        much longer than the rest (``long_row_split_plan``); a decode-only step with such rows runs eagerly."""
+        much longer than the rest (``long_row_split_plan``); a decode-only step with such rows replays the piecewise
+        graphs instead of a whole-model one."""
         if Attention.backend != "triton" or not len(context_lens_desc):
             return None
         from engine.kernels.triton_attention import long_row_split_plan
@@ -494,21 +495,23 @@ class ModelRunner:
         return host.copy_(x, non_blocking=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode_only: bool) -> torch.Tensor:
-        graphs = self.decode_graphs if decode_only else self.piecewise_graphs
-        if decode_only and get_context().decode_split_plan is not None:
-            graphs = None  # the graphs' splits depend on the batch size only; a few long rows need their own
+        # A decode step that splits a few long rows (its split plan) cannot replay a whole-model graph, whose splits
+        # depend on the batch size only: it replays the pieces around its eager attention, as a mixed step does.
+        whole = decode_only and get_context().decode_split_plan is None
+        graphs = self.decode_graphs if whole else self.piecewise_graphs
         size = graphs.padded_size(input_ids.shape[0]) if graphs is not None else None
         if size is None:
             return self.model(input_ids, positions)
         if logger.isEnabledFor(logging.DEBUG):
-            if decode_only:
+            if whole:
                 logger.debug("[Rank %d] DECODE CUDA graph replay: batch=%d, graph_batch=%d, k_cache=%s, v_cache=%s "
                              "(per-layer attention lines are not emitted during replay)", self.rank,
                              input_ids.shape[0], size, list(self.kv_cache[0].shape), list(self.kv_cache[1].shape))
             else:
                 logger.debug("[Rank %d] %s piecewise CUDA graph replay: tokens=%d, graph_tokens=%d (attention runs "
                              "eagerly between the pieces; other per-layer lines are not emitted)", self.rank,
-                             "MIXED" if get_context().num_decode_tokens else "PREFILL", input_ids.shape[0], size)
+                             "DECODE" if decode_only else "MIXED" if get_context().num_decode_tokens else "PREFILL",
+                             input_ids.shape[0], size)
         return graphs.replay(input_ids, positions, size)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------

@@ -237,14 +237,15 @@ def test_long_context_chunks_split_keys_fp32_equal_hf(tmp_path, monkeypatch):
 
 def test_long_rows_among_short_split_fp32_equal_hf(tmp_path, monkeypatch):
     """One 3,000-token row decoding among 180 short ones: its keys are split (the step's plan; decode-only steps
-    with a plan run eagerly, outside the decode graphs), the short rows' are not; in fp32 greedy equals HF on the
-    long row and eight short ones (a difference only at an fp32 tie closer than 1e-3)."""
+    with a plan replay the piecewise graphs around their eager attention), the short rows' are not; in fp32 greedy
+    equals HF on the long row and eight short ones (a difference only at an fp32 tie closer than 1e-3)."""
+    from engine.context import get_context
     from engine.kernels import triton_attention
     plans = []
     decode = triton_attention.paged_decode_attention
 
     def spy(*args, split_plan=None, **kwargs):
-        plans.append(split_plan)
+        plans.append((split_plan, get_context().is_prefill))
         return decode(*args, split_plan=split_plan, **kwargs)
     monkeypatch.setattr(triton_attention, "paged_decode_attention", spy)
     case = CASES[0]
@@ -257,7 +258,7 @@ def test_long_rows_among_short_split_fp32_equal_hf(tmp_path, monkeypatch):
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
     finally:
         llm.shutdown()
-    assert (1, 3) in plans, f"no step split the long row alone: {set(plans)}"
+    assert ((1, 3), False) in plans, f"no decode-only step split the long row alone: {set(plans)}"
     from transformers import AutoModelForCausalLM
     hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     checked = prompts[:9]
