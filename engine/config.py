@@ -6,6 +6,9 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from engine.logger import get_logger
+
+logger = get_logger(__name__)
 MAX_NUM_SEQS = 1024        # the largest default running set
 TYPICAL_SEQ_TOKENS = 1024  # prompt + completion of a typical request, for sizing the default running set
 
@@ -41,6 +44,12 @@ class Config:
                              f"{torch.cuda.device_count()} visible GPUs")
         self.hf_config = AutoConfig.from_pretrained(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        window = attention_window(self.hf_config)
+        if window is not None and window < self.max_model_len:
+            logger.warning("The model attends over a sliding window of %d tokens, which this engine does not "
+                           "implement: max_model_len %d -> %d, where full attention is the same", window,
+                           self.max_model_len, window)
+            self.max_model_len = window
         self.torch_dtype = self._resolve_dtype()
         if self.device == "cpu":
             self.enforce_eager = True
@@ -78,6 +87,18 @@ class Config:
         preempt)."""
         per_seq = min(self.max_model_len, TYPICAL_SEQ_TOKENS)
         return max(1, min(self.max_num_seqs_limit, num_kv_blocks * self.kvcache_block_size // per_seq))
+
+
+def attention_window(config: PretrainedConfig) -> int | None:
+    """The sliding attention window of the model's windowed layers (a token sees itself and the window - 1 before
+    it), or None when every layer attends to the whole context: Mistral v0.1 sets ``sliding_window``, Qwen2 and
+    Gemma-style configs list their windowed layers in ``layer_types`` (``use_sliding_window`` in older ones)."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def head_dim_of(config: PretrainedConfig) -> int:

@@ -57,8 +57,8 @@ def build_tokenizer(path: str, vocab_size: int = 512) -> int:
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides):
-    """A tiny HF config of ``arch`` ("qwen3", "qwen2" or "llama")."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """A tiny HF config of ``arch`` ("qwen3", "qwen2", "llama" or "mistral": v0.2's, no sliding window)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                   eos_token_id=0, bos_token_id=0, pad_token_id=0)
@@ -71,6 +71,8 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
                           rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                             high_freq_factor=4.0, original_max_position_embeddings=256),
                           **common)
+    elif arch == "mistral":
+        cfg = MistralConfig(tie_word_embeddings=False, sliding_window=None, **common)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     for key, value in overrides.items():

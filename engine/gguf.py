@@ -29,8 +29,10 @@ CACHE_FORMAT = "v2"                # bump when the resolved directory's contents
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-# GGUF architecture (the HF model_type: "llama", "qwen2", "qwen3") -> the engine's architecture class
-SUPPORTED_ARCHS = {cls.removesuffix("ForCausalLM").lower(): cls for cls in ARCHITECTURES}
+# GGUF architecture (general.architecture: "llama", "qwen2", "qwen3") -> the engine's architecture class. Mistral
+# has no GGUF architecture of its own: llama.cpp writes its checkpoints as "llama".
+SUPPORTED_ARCHS = {name: cls for cls in ARCHITECTURES
+                   if (name := cls.removesuffix("ForCausalLM").lower()) in MODEL_ARCH_NAMES.values()}
 
 
 def find_gguf(path: str) -> str | None:
@@ -123,7 +125,7 @@ def _write_hf_files(gguf_file: str, out: str) -> None:
     source = _read_source(gguf_file)
     folder, name = os.path.split(gguf_file)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config.architectures = [_engine_architecture(config.model_type, gguf_file)]
+    config.architectures = [SUPPORTED_ARCHS[source["architecture"]]]
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
     with open(os.path.join(out, SOURCE_FILE), "w") as fh:

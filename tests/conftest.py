@@ -11,9 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """Paths of tiny Qwen3 (tied), Qwen2 (qkv bias, untied) and Llama 3 (rope scaling) checkpoints."""
+    """Paths of tiny Qwen3 (tied), Qwen2 (qkv bias, untied), Llama 3 (rope scaling) and Mistral checkpoints."""
     root = tmp_path_factory.mktemp("models")
-    return {arch: build_tiny_model(str(root / arch), arch, seed=i) for i, arch in enumerate(["qwen3", "qwen2", "llama"])}
+    archs = ["qwen3", "qwen2", "llama", "mistral"]
+    return {arch: build_tiny_model(str(root / arch), arch, seed=i) for i, arch in enumerate(archs)}
 
 
 def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int, model=None) -> list[int]:

@@ -1,4 +1,5 @@
 """Greedy outputs equal HF transformers token for token (fp32, CPU) through the paged cache and prefix cache."""
+import logging
 import random
 
 import pytest
@@ -18,7 +19,7 @@ def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "mistral"])
 def test_greedy_matches_hf(tiny_models, arch):
     path = tiny_models[arch]
     llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=256)
@@ -49,3 +50,39 @@ def test_text_prompts_and_block_sizes(tiny_models):
         expected = hf_greedy(path, llm.tokenizer.encode("a blue book"), 8)
         assert outs[block_size][1] == expected
     assert outs[16] == outs[64] == outs[256]
+
+
+def test_sliding_window_caps_max_model_len_and_stays_exact(tmp_path):
+    """Mistral v0.1 attends over a 4,096-token sliding window, which the engine does not implement: it caps
+    max_model_len at the window, where HF's windowed attention and full attention agree, says so, and rejects a
+    prompt past it by name."""
+    from engine.demo import build_tiny_model
+    path = build_tiny_model(str(tmp_path / "mistral"), "mistral", sliding_window=48)
+    warnings = logging.Handler(logging.WARNING)
+    warnings.emit = lambda record: said.append(record.getMessage())
+    said, config_logger = [], logging.getLogger("nanovllm.engine.config")
+    config_logger.addHandler(warnings)
+    try:
+        llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=256)
+    finally:
+        config_logger.removeHandler(warnings)
+    assert llm.config.max_model_len == 48
+    assert any("sliding window of 48 tokens" in s and "max_model_len 256 -> 48" in s for s in said), said
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 200) for _ in range(n)] for n in (5, 20, 36)]
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == [hf_greedy(path, p, MAX_NEW) for p in prompts]
+    with pytest.raises(ValueError, match="prompt 0: prompt has 49 tokens, more than max_model_len=48"):
+        llm.generate([[5] * 49], params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("config, window", [
+    ("MistralConfig()", 4096), ("MistralConfig(sliding_window=None)", None), ("LlamaConfig()", None),
+    ("Qwen2Config()", None), ("Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1)", 64),
+    ("Qwen3Config()", None)])
+def test_attention_window_from_hf_configs(config, window):
+    import transformers
+
+    from engine.config import attention_window
+    assert attention_window(eval(config, vars(transformers))) == window

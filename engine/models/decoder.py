@@ -1,4 +1,4 @@
-"""One decoder-only transformer covering Qwen3, Qwen2/2.5 and Llama 3.
+"""One decoder-only transformer covering Qwen3, Qwen2/2.5, Llama 3 and Mistral.
 
 They differ only in switches read from the HF config: q/k RMSNorm (Qwen3), q/k/v bias (Qwen2),
 rope scaling (Llama 3), tied embeddings. Parameter names follow the HF checkpoints, except that
@@ -174,6 +174,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": dict(qk_norm=True),
     "Qwen2ForCausalLM": dict(qkv_bias=True),
     "LlamaForCausalLM": dict(),
+    "MistralForCausalLM": dict(),  # Llama's layers; its sliding window caps max_model_len (config.attention_window)
 }
 
 
