@@ -386,3 +386,27 @@ def test_launching_a_step_never_waits_for_the_device(tmp_path):
         llm.shutdown()
     assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
     assert launches.count("forward") > 20 and launches.count("sample") > 20
+
+
+def test_steps_allocate_no_pinned_memory(tmp_path):
+    """A step's uploads and its sampled tokens' copy back go through pinned buffers allocated at start-up
+    (engine/staging.py): a run whose batches grow and shrink through every size makes no cudaHostAlloc (each can
+    hold the host until the device is idle), and its tokens equal the same run's through a one-slot ring (every
+    upload waiting for the previous copy), so no staging buffer is rewritten before its copy has run."""
+    from engine.staging import UploadRing
+    case = CASES[0]
+    build_case(case, str(tmp_path))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 700))] for _ in range(150)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 80), ignore_eos=True) for _ in prompts]
+    llm = LLM(str(tmp_path), max_model_len=1024, max_num_batched_tokens=512, enable_prefix_caching=False)
+    try:  # (no prefix cache: the second run schedules exactly the batches of the first)
+        before = torch.cuda.host_memory_stats()["num_host_alloc"]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert torch.cuda.host_memory_stats()["num_host_alloc"] == before
+        runner = llm.model_runner
+        runner.uploads = UploadRing(runner.device, 1, 64)  # one slot, grown on the first upload
+        serial = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in serial]
