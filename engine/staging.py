@@ -2,10 +2,10 @@
 
 ``Tensor.pin_memory()`` and ``torch.empty(..., pin_memory=True)`` draw from PyTorch's caching host allocator, which
 calls ``cudaHostAlloc`` whenever no cached block of the size class is free. That call is slow and can hold the host
-until the device is idle: vLLM removed per-step ``pin_memory()`` for stalls of up to 12 ms (vllm-project/vllm#37006),
-and in W6's step records (docs/benchmarks.md, tenth session) the steps in which the batch grew through new sizes
-took twice the usual time while the next took almost none. A step's inputs change size every step, so they go
-through rings of buffers allocated at start-up instead.
+while the driver pins pages: vLLM removed per-step ``pin_memory()`` for stalls of up to 12 ms
+(vllm-project/vllm#37006). W6's step records (docs/benchmarks.md, tenth session) show such stalls while its batch
+grows through new sizes: steps of twice the usual time, each followed by one of almost none. A step's inputs change
+size every step, so they go through rings of buffers allocated at start-up instead.
 """
 import numpy as np
 import torch
