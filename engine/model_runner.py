@@ -30,12 +30,17 @@ from engine.logits_processors import PenaltyBatch, ProcessorRow, build_penalty_b
 from engine.models import build_model
 from engine.outputs import PENDING_TOKEN, SchedulerOutput
 from engine.sequence import Sequence
+from engine.staging import DownloadRing, UploadRing
 
 logger = get_logger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where no memory profile is taken
 CASCADE_MIN_BATCH = 16  # smaller decode batches gain little from it and would pay its extra kernels
 PROMPT_LOGITS_CHUNK = 1024  # prompt logprobs: positions whose logits are computed at a time
 UPLOAD_ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignment: every uploaded view has it
+# Pinned staging buffers (engine/staging.py): more than two steps' uploads (a prompt step makes up to ~5), and
+# more than the sampled-token copies of the steps in flight (two).
+UPLOAD_SLOTS = 12
+DOWNLOAD_SLOTS = 8
 
 
 def shared_prefix_blocks(tables: np.ndarray, lengths: np.ndarray) -> int:
@@ -92,6 +97,13 @@ class SamplingSettings:
     positions: np.ndarray
 
 
+def upload_bytes_bound(config: Config) -> int:
+    """Bytes of the largest single ``ModelRunner._upload`` (a decode step of every running sequence at full length,
+    with its int64 block table; a prompt step's token arrays), padding included: the staging buffers' size."""
+    rows, tokens = config.max_num_seqs_limit, config.max_num_batched_tokens
+    return 8 * (4 * tokens + (config.max_blocks_per_seq + 8) * rows) + 16 * UPLOAD_ALIGN_BYTES
+
+
 def block_table_array(block_tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Block tables padded with 0 into one ``[rows, max_blocks]`` array, and each row's length."""
     lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
@@ -110,6 +122,8 @@ class ModelRunner:
         logger.info("Initializing ModelRunner (rank %d)", rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            self.uploads = UploadRing(self.device, UPLOAD_SLOTS, upload_bytes_bound(config))
+            self.downloads = DownloadRing(DOWNLOAD_SLOTS, 8 * config.max_num_seqs_limit)
         Attention.backend = select_backend(self.device, self.block_size)
         logger.info("Loading model: %s", config.model)
         previous_dtype = torch.get_default_dtype()
@@ -235,16 +249,14 @@ class ModelRunner:
 
     # ----- inputs ---------------------------------------------------------------------------------
     def _upload(self, *arrays: np.ndarray, dtype: type = np.int64) -> list[torch.Tensor]:
-        """Copy the arrays to the device in one transfer (pinned and non-blocking on CUDA); a view per array,
-        each starting UPLOAD_ALIGN_BYTES-aligned."""
+        """Copy the arrays to the device in one transfer (through a pinned staging buffer, non-blocking, on CUDA);
+        a view per array, each starting UPLOAD_ALIGN_BYTES-aligned."""
         align = UPLOAD_ALIGN_BYTES // np.dtype(dtype).itemsize
         offsets = np.cumsum([0] + [-(-a.size // align) * align for a in arrays])
         flat = np.zeros(offsets[-1], dtype=dtype)
         for a, start in zip(arrays, offsets):
             flat[start:start + a.size] = a.ravel()
-        device = torch.from_numpy(flat)
-        if self.device.type == "cuda":
-            device = device.pin_memory().to(self.device, non_blocking=True)
+        device = self.uploads.upload(flat) if self.device.type == "cuda" else torch.from_numpy(flat)
         return [device[start:start + a.size].view(a.shape) for a, start in zip(arrays, offsets)]
 
     def _pending_inputs(self, batch: SchedulerOutput, input_ids: np.ndarray, token_rows: np.ndarray
@@ -480,13 +492,14 @@ class ModelRunner:
         logprob_rows = sampling.logprob_row_list if logprobs is not None else []
         if self.device.type != "cuda":
             return SampledTokens(sampled, sampled, None, logprobs, logprob_rows, prompt_logprobs)
-        host, logprobs = self._to_host(sampled), logprobs and self._to_host(logprobs)
+        host, logprobs = self.downloads.download(sampled), logprobs and self._to_host(logprobs)
         ready = torch.cuda.Event()
         ready.record()
         return SampledTokens(sampled, host, ready, logprobs, logprob_rows, prompt_logprobs)
 
     def _to_host(self, x: torch.Tensor | TokenLogprobs) -> torch.Tensor | TokenLogprobs:
-        """Start copying to (pinned) host memory; the copy is complete once the step's ``ready`` event is."""
+        """Start copying logprobs to (pinned) host memory of their own, which the engine may keep; the copy is
+        complete once the step's ``ready`` event is. (Sampled tokens go through ``self.downloads``.)"""
         if self.device.type != "cuda":
             return x
         if isinstance(x, TokenLogprobs):

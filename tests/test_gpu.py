@@ -382,3 +382,64 @@ def test_no_kernel_variant_compiles_mid_run(tmp_path):
         llm.shutdown()
     assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
     assert not first_uses, f"kernel variants first used mid-run: {first_uses}"
+
+
+def test_launching_a_step_never_waits_for_the_device(tmp_path):
+    """With async scheduling the host prepares and queues step k+1 while step k runs; any device-to-host wait on
+    that path (``.item()``, ``nonzero``, a pageable copy back) would leave the GPU idle each step. Under
+    ``torch.cuda.set_sync_debug_mode("error")`` such a wait raises: the forward and sampling launches of greedy,
+    seeded, top-p and plain rows, chunked prompts beside decodes, prefix-cache hits, with CUDA graphs."""
+    case = CASES[0]
+    build_case(case, str(tmp_path))
+    llm = LLM(str(tmp_path), max_model_len=1024, max_num_batched_tokens=512)
+    runner = llm.model_runner
+    launches = []
+
+    def strict(fn):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                launches.append(fn.__name__)
+        return call
+    runner.forward, runner.sample = strict(runner.forward), strict(runner.sample)
+    try:
+        rng = random.Random(6)
+        prefix = [rng.randrange(3, case.vocab) for _ in range(300)]
+        prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 600))]
+                   for i in range(120)]
+        kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
+                 dict(temperature=0.6)]
+        params = [SamplingParams(max_tokens=rng.randint(1, 64), ignore_eos=True, **kinds[i % 4])
+                  for i in range(len(prompts))]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
+    assert launches.count("forward") > 20 and launches.count("sample") > 20
+
+
+def test_steps_allocate_no_pinned_memory(tmp_path):
+    """A step's uploads and its sampled tokens' copy back go through pinned buffers allocated at start-up
+    (engine/staging.py): a run whose batches grow and shrink through every size makes no cudaHostAlloc (each can
+    hold the host until the device is idle), and its tokens equal the same run's through a one-slot ring (every
+    upload waiting for the previous copy), so no staging buffer is rewritten before its copy has run."""
+    from engine.staging import UploadRing
+    case = CASES[0]
+    build_case(case, str(tmp_path))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 700))] for _ in range(150)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 80), ignore_eos=True) for _ in prompts]
+    llm = LLM(str(tmp_path), max_model_len=1024, max_num_batched_tokens=512, enable_prefix_caching=False)
+    try:  # (no prefix cache: the second run schedules exactly the batches of the first)
+        before = torch.cuda.host_memory_stats()["num_host_alloc"]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert torch.cuda.host_memory_stats()["num_host_alloc"] == before
+        runner = llm.model_runner
+        runner.uploads = UploadRing(runner.device, 1, 64)  # one slot, grown on the first upload
+        serial = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in serial]
