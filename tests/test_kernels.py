@@ -204,6 +204,31 @@ def test_decode_split_plan_small(split_plan, num_heads, num_kv_heads, head_dim):
     assert rel_error(out[lens > 0], ref[lens > 0]) < TOLERANCE[dtype]
 
 
+@small
+def test_decode_split_plan_within_partial_bytes(monkeypatch):
+    """A plan's split count is cut to what PARTIAL_BYTES holds (partials are kept for every row): room for 3
+    slots turns (1, 16) into (1, 3), and the result still equals the reference."""
+    context_lens, num_heads, head_dim = [300, 5, 17, 0, 90, 33], 9, 64
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache, tables, lens = make_paged(context_lens, 3, head_dim, 16, torch.float32, gen)
+    q = strided_query(len(context_lens), num_heads, head_dim, torch.float32, gen)
+    order = torch.from_numpy(longest_first(lens.cpu().numpy())).to(DEVICE)
+    monkeypatch.setattr(triton_attention, "PARTIAL_BYTES", 3 * len(context_lens) * num_heads * head_dim * 4)
+    launched, kernel = [], triton_attention._decode_split_kernel
+
+    class GridSpy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(triton_attention, "_decode_split_kernel", GridSpy())
+    config = triton_attention.DecodeConfig(block_n=16, num_stages=2, shared_block_m=16, shared_num_warps=4)
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, order=order,
+                                                  split_plan=(1, 16), out=poisoned_like(q), config=config)
+    assert launched == [(3, 3 + len(context_lens) - 1)]  # (KV heads, parts): 3 parts for the longest row
+    ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    assert rel_error(out, ref) < TOLERANCE[torch.float32]
+
+
 def test_long_row_split_plan(monkeypatch):
     """Split only rows far longer than the rest (W6: a few 20k-token rows among ~500 short ones), never batches the
     shape rule already splits (few rows) or whose longest row is within twice a fair share (W1, W5, all long)."""
@@ -294,7 +319,7 @@ def test_prefill_key_splits_small(num_splits, num_heads, num_kv_heads, head_dim,
 
 def test_prefill_num_splits():
     """One split when the grid fills two waves or the context is short; else toward four waves, each split at least
-    PREFILL_MIN_SPLIT_KEYS keys, the partials within PREFILL_PARTIAL_BYTES."""
+    PREFILL_MIN_SPLIT_KEYS keys, the partials within PARTIAL_BYTES."""
     sms = 132
     assert triton_attention.prefill_num_splits(2 * sms, 20_000, 700, 16, 128, sms) == 1
     assert triton_attention.prefill_num_splits(88, 2047, 700, 16, 128, sms) == 1       # under two splits' keys

@@ -439,6 +439,7 @@ def decode_num_splits(rows: int, num_kv_heads: int, max_context: int, block_n: i
 # 2 * LONG_ROW_PROGRAMS_PER_SM * SMs programs' fair share of all keys. (Estimates from one W6 run, ninth session.)
 LONG_ROW_PROGRAMS_PER_SM = 5
 LONG_ROW_MIN_KEYS = 1024
+PARTIAL_BYTES = 64 << 20  # the fp32 partials of one call at most (a decode split plan's, a prompt chunk's splits)
 
 
 def long_row_split_plan(context_lens_desc: np.ndarray, num_kv_heads: int,
@@ -504,7 +505,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_context = block_tables.shape[1] * block_size
     if split_plan is not None:
         assert order is not None, "a split plan splits the first rows of the order"
-        split_rows, num_splits = split_plan
+        split_rows, num_splits = split_plan  # (partials are kept for every row: their count bounds the splits)
+        num_splits = min(num_splits, max(2, PARTIAL_BYTES // (batch * num_heads * head_dim * 4)))
     else:
         split_rows, num_splits = batch, config.num_splits or decode_num_splits(
             batch, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
@@ -555,7 +557,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 PREFILL_SPLIT_WAVES = 4
 PREFILL_MIN_SPLIT_KEYS = 1024
 PREFILL_MAX_SPLITS = 16
-PREFILL_PARTIAL_BYTES = 64 << 20  # the fp32 partials of one call at most
 
 
 def prefill_num_splits(programs: int, max_context: int, tokens: int, num_heads: int, head_dim: int,
@@ -563,12 +564,12 @@ def prefill_num_splits(programs: int, max_context: int, tokens: int, num_heads: 
     """Key splits for a prefill grid of ``programs`` (query tiles x KV heads) whose longest context is
     ``max_context``: one when the grid fills two waves or the context is short, else enough for
     ``PREFILL_SPLIT_WAVES`` waves, each split at least ``PREFILL_MIN_SPLIT_KEYS`` keys, the partials of
-    ``tokens`` query tokens within ``PREFILL_PARTIAL_BYTES``."""
+    ``tokens`` query tokens within ``PARTIAL_BYTES``."""
     if programs >= 2 * num_sms:
         return 1
     wanted = triton.cdiv(PREFILL_SPLIT_WAVES * num_sms, programs)
     by_keys = max_context // PREFILL_MIN_SPLIT_KEYS
-    by_memory = PREFILL_PARTIAL_BYTES // max(1, tokens * num_heads * head_dim * 4)
+    by_memory = PARTIAL_BYTES // max(1, tokens * num_heads * head_dim * 4)
     return max(1, min(wanted, by_keys, by_memory, PREFILL_MAX_SPLITS))
 
 
