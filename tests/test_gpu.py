@@ -357,6 +357,20 @@ def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):
         llm.shutdown()
 
 
+def varied_requests(vocab: int, seed: int, count: int, max_tokens: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """5-600-token prompts, every fourth behind a shared 300-token prefix, cycling through greedy, seeded, top-p and
+    plain sampled rows with 1-``max_tokens`` new tokens: batches that grow, mix prompt chunks with decodes and
+    fall to one row."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(300)]
+    prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, vocab) for _ in range(rng.randint(5, 600))]
+               for i in range(count)]
+    kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
+             dict(temperature=0.6)]
+    return prompts, [SamplingParams(max_tokens=rng.randint(1, max_tokens), ignore_eos=True, **kinds[i % 4])
+                     for i in range(count)]
+
+
 def test_no_kernel_variant_compiles_mid_run(tmp_path):
     """Every Triton kernel variant a run meets is compiled at start-up (engine/kernels/warmup.py): batch sizes
     falling from 160 rows to 1, greedy, seeded, top-p and plain sampled rows, chunked prompts beside decodes and
@@ -368,14 +382,7 @@ def test_no_kernel_variant_compiles_mid_run(tmp_path):
     first_uses, previous = [], knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: first_uses.append(fn.name)
     try:
-        rng = random.Random(5)
-        prefix = [rng.randrange(3, case.vocab) for _ in range(300)]
-        prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 600))]
-                   for i in range(160)]
-        kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
-                 dict(temperature=0.6)]
-        params = [SamplingParams(max_tokens=rng.randint(1, 96), ignore_eos=True, **kinds[i % 4])
-                  for i in range(len(prompts))]
+        prompts, params = varied_requests(case.vocab, seed=5, count=160, max_tokens=96)
         outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         knobs.runtime.jit_post_compile_hook = previous
@@ -406,14 +413,7 @@ def test_launching_a_step_never_waits_for_the_device(tmp_path):
         return call
     runner.forward, runner.sample = strict(runner.forward), strict(runner.sample)
     try:
-        rng = random.Random(6)
-        prefix = [rng.randrange(3, case.vocab) for _ in range(300)]
-        prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 600))]
-                   for i in range(120)]
-        kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
-                 dict(temperature=0.6)]
-        params = [SamplingParams(max_tokens=rng.randint(1, 64), ignore_eos=True, **kinds[i % 4])
-                  for i in range(len(prompts))]
+        prompts, params = varied_requests(case.vocab, seed=6, count=120, max_tokens=64)
         outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         llm.shutdown()
