@@ -41,6 +41,7 @@ UPLOAD_ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignme
 # more than the sampled-token copies of the steps in flight (two).
 UPLOAD_SLOTS = 12
 DOWNLOAD_SLOTS = 8
+UPLOAD_SLOT_MAX_BYTES = 8 << 20  # start-up size of an upload buffer at most (larger uploads grow theirs)
 
 
 def shared_prefix_blocks(tables: np.ndarray, lengths: np.ndarray) -> int:
@@ -98,10 +99,12 @@ class SamplingSettings:
 
 
 def upload_bytes_bound(config: Config) -> int:
-    """Bytes of the largest single ``ModelRunner._upload`` (a decode step of every running sequence at full length,
-    with its int64 block table; a prompt step's token arrays), padding included: the staging buffers' size."""
+    """Bytes of the largest single ``ModelRunner._upload`` (a decode step of every running sequence with a block
+    table as wide as the longest allowed, in int64; a prompt step's token arrays), padding included, up to
+    UPLOAD_SLOT_MAX_BYTES: the staging buffers' start-up size (2.7 MB at Qwen3's 32k context in 128-token blocks)."""
     rows, tokens = config.max_num_seqs_limit, config.max_num_batched_tokens
-    return 8 * (4 * tokens + (config.max_blocks_per_seq + 8) * rows) + 16 * UPLOAD_ALIGN_BYTES
+    bound = 8 * (4 * tokens + (config.max_blocks_per_seq + 8) * rows) + 16 * UPLOAD_ALIGN_BYTES
+    return min(bound, UPLOAD_SLOT_MAX_BYTES)
 
 
 def block_table_array(block_tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
