@@ -31,7 +31,7 @@ MAX_LISTED_SEQS = 8
 PREFILL_WATERMARK = 0.01  # of the KV blocks, kept free of prompt chunks for decodes (vLLM v0's default, 1 %)
 # The decode rows that max_prefill_tokens_with_decodes protects at its face value; beside fewer, the cap grows in
 # proportion (prompt_work_cap).
-PROMPT_CAP_ROWS = 64
+PROMPT_CAP_ROWS = 32
 
 
 def prompt_work(start: int, num_tokens: int, break_even: float) -> float:

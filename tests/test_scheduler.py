@@ -85,11 +85,11 @@ def test_prefill_cap_applies_only_beside_decodes(flat_cap):
         assert out.num_decode_rows and out.total_num_scheduled_tokens - out.num_decode_rows <= 16
 
 
-@pytest.mark.parametrize("decode_rows,chunk", [(1, 599), (2, 512), (16, 64), (64, 16), (70, 16)])
+@pytest.mark.parametrize("decode_rows,chunk", [(1, 512), (2, 256), (8, 64), (32, 16), (70, 16)])
 def test_the_cap_grows_beside_fewer_decode_rows(decode_rows, chunk):
-    """Beside fewer than PROMPT_CAP_ROWS decode rows the work cap grows in proportion (16 x 64 / rows), up to the
+    """Beside fewer than PROMPT_CAP_ROWS decode rows the work cap grows in proportion (16 x 32 / rows), up to the
     token budget; from PROMPT_CAP_ROWS rows on it is the configured 16."""
-    assert scheduler.PROMPT_CAP_ROWS == 64
+    assert scheduler.PROMPT_CAP_ROWS == 32
     sch = make(n_blocks=200, max_num_batched_tokens=600, max_num_seqs=80, max_prefill_tokens_with_decodes=16)
     decoding = [seq(3, first=1000 + 4 * i) for i in range(decode_rows)]
     for s in decoding:
@@ -98,7 +98,7 @@ def test_the_cap_grows_beside_fewer_decode_rows(decode_rows, chunk):
     sch.add(long := seq(1000, first=5000, max_tokens=1))
     out = step(sch)
     assert out.num_decode_rows == decode_rows and rows(out)[-1] == (long.seq_id, 0, chunk, False)
-    assert prompt_work_cap(16, decode_rows) == 16 * max(1, 64 / decode_rows) and prompt_work_cap(16, 0) is None
+    assert prompt_work_cap(16, decode_rows) == 16 * max(1, 32 / decode_rows) and prompt_work_cap(16, 0) is None
 
 
 @pytest.mark.parametrize("break_even", [1.0, 3.5, 40.0, 3840.0, 1e9, float("inf")])
