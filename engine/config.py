@@ -91,8 +91,8 @@ class Config:
 
 def attention_window(config: PretrainedConfig) -> int | None:
     """The sliding attention window of the model's windowed layers (a token sees itself and the window - 1 before
-    it), or None when every layer attends to the whole context: Mistral v0.1 sets ``sliding_window``, Qwen2 and
-    Gemma-style configs list their windowed layers in ``layer_types`` (``use_sliding_window`` in older ones)."""
+    it), or None when every layer attends to the whole context: Mistral v0.1 sets ``sliding_window`` alone; Qwen2's
+    transformers 5 config lists its windowed layers in ``layer_types`` (older ones say ``use_sliding_window``)."""
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None

@@ -216,7 +216,9 @@ class LLMEngine:
         self._admit_compiled()
         current = self.in_flight or self._launch(self._schedule())
         self.in_flight = self._launch_ahead() if self.async_scheduling else None
+        waiting = time.perf_counter()
         token_ids = current.tokens.tolist()
+        waited = time.perf_counter() - waiting
         seqs = current.batch.sampling_seqs
         new_tokens = {s.seq_id: [t] for s, t in zip(seqs, token_ids) if not s.is_finished}
         self._record_logprobs(current.tokens, seqs, token_ids)
@@ -233,7 +235,7 @@ class LLMEngine:
         self.stats["steps"] += 1
         self.stats[f"{current.batch.phase}_time_s"] += elapsed
         self.stats["generated_tokens"] += len(new_tokens)
-        record = self._record(current.batch, len(finished), elapsed)
+        record = self._record(current.batch, len(finished), elapsed, waited)
         for fn in self.step_callbacks:
             fn(record)
         return StepOutput(finished, new_tokens, record)
@@ -316,7 +318,7 @@ class LLMEngine:
         if step is not None and step.tokens is None:
             step.tokens, step.logits = self.model_runner.sample(step.logits), None
 
-    def _record(self, batch: SchedulerOutput, num_finished: int, elapsed: float) -> StepRecord:
+    def _record(self, batch: SchedulerOutput, num_finished: int, elapsed: float, waited: float) -> StepRecord:
         bm, num_tokens = self.scheduler.block_manager, batch.total_num_scheduled_tokens
         return StepRecord(step=self.stats["steps"] - 1, phase=batch.phase, batch_size=batch.num_rows,
                           num_tokens=num_tokens, num_prefill_tokens=num_tokens - batch.num_decode_rows,
@@ -324,7 +326,7 @@ class LLMEngine:
                           num_waiting=len(self.scheduler.waiting), num_preempted=batch.num_preempted,
                           num_finished=num_finished, kv_blocks_used=bm.num_used_blocks,
                           kv_blocks_free=bm.num_free_blocks, prefix_cache_hit_tokens=batch.num_cached_tokens,
-                          step_time_s=elapsed, timestamp=time.time())
+                          step_time_s=elapsed, wait_time_s=waited, timestamp=time.time())
 
     def _apply_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
         finished = []

@@ -18,6 +18,8 @@ class StepRecord:
     kv_blocks_free: int
     prefix_cache_hit_tokens: int   # prompt tokens served from the prefix cache this step
     step_time_s: float
+    wait_time_s: float             # of step_time_s, waiting for the device to finish this step (the rest is host
+                                   # work: scheduling and launching the next step, postprocessing this one)
     timestamp: float               # wall clock (time.time()) at the end of the step
 
     def to_dict(self) -> dict:

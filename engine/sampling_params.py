@@ -100,10 +100,6 @@ class SamplingParams:
         return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if i == 0 else None)
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
     def has_penalties(self) -> bool:
         """Whether a penalty that depends on the tokens so far is on (repetition, presence, frequency)."""
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

@@ -113,7 +113,22 @@ def test_step_records_match_schedule(llm):
     assert records[0].num_tokens == 81 - records[0].prefix_cache_hit_tokens
     assert [r.num_finished for r in records] == [0, 0, 2] and records[-1].num_running == 0
     assert all(r.kv_blocks_used + r.kv_blocks_free == llm.model_runner.num_blocks for r in records)
+    assert all(0 <= r.wait_time_s <= r.step_time_s for r in records)
     assert [r.step for r in records] == list(range(records[0].step, records[0].step + 3))
+
+
+def test_step_records_split_the_wait_for_the_device_from_host_work(llm, monkeypatch):
+    """``wait_time_s`` is the time a step spends reading its tokens (on a GPU: waiting for the device); here the
+    read is made to take 50 ms."""
+    import time
+    from engine.model_runner import SampledTokens
+    read = SampledTokens.tolist
+    monkeypatch.setattr(SampledTokens, "tolist", lambda self: time.sleep(0.05) or read(self))
+    records = []
+    llm.add_step_callback(records.append)
+    llm.generate([[4] * 10], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    llm.step_callbacks.clear()
+    assert records and all(0.05 <= r.wait_time_s <= r.step_time_s < r.wait_time_s + 1 for r in records)
 
 
 @pytest.mark.parametrize("shape,break_even", [

@@ -58,14 +58,13 @@ def test_sliding_window_caps_max_model_len_and_stays_exact(tmp_path):
     prompt past it by name."""
     from engine.demo import build_tiny_model
     path = build_tiny_model(str(tmp_path / "mistral"), "mistral", sliding_window=48)
-    warnings = logging.Handler(logging.WARNING)
-    warnings.emit = lambda record: said.append(record.getMessage())
-    said, config_logger = [], logging.getLogger("nanovllm.engine.config")
-    config_logger.addHandler(warnings)
+    said, config_logger, handler = [], logging.getLogger("nanovllm.engine.config"), logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    config_logger.addHandler(handler)
     try:
         llm = LLM(path, device="cpu", kvcache_block_size=16, max_model_len=256)
     finally:
-        config_logger.removeHandler(warnings)
+        config_logger.removeHandler(handler)
     assert llm.config.max_model_len == 48
     assert any("sliding window of 48 tokens" in s and "max_model_len 256 -> 48" in s for s in said), said
     rng = random.Random(3)
@@ -77,12 +76,12 @@ def test_sliding_window_caps_max_model_len_and_stays_exact(tmp_path):
         llm.generate([[5] * 49], params, use_tqdm=False)
 
 
-@pytest.mark.parametrize("config, window", [
-    ("MistralConfig()", 4096), ("MistralConfig(sliding_window=None)", None), ("LlamaConfig()", None),
-    ("Qwen2Config()", None), ("Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1)", 64),
-    ("Qwen3Config()", None)])
-def test_attention_window_from_hf_configs(config, window):
+@pytest.mark.parametrize("config_class, fields, window", [
+    ("MistralConfig", {}, 4096), ("MistralConfig", dict(sliding_window=None), None), ("LlamaConfig", {}, None),
+    ("Qwen2Config", {}, None), ("Qwen3Config", {}, None),
+    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1), 64)])
+def test_attention_window_from_hf_configs(config_class, fields, window):
     import transformers
 
     from engine.config import attention_window
-    assert attention_window(eval(config, vars(transformers))) == window
+    assert attention_window(getattr(transformers, config_class)(**fields)) == window

