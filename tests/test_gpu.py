@@ -117,7 +117,7 @@ class SamplerInputs:
 
 @torch.no_grad()
 def hf_last_logits(model, prompt: list[int]) -> torch.Tensor:
-    return model(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
+    return model(torch.tensor([prompt], device=model.device)).logits[0, -1].float()
 
 
 def engine_logits_and_greedy(llm: LLM, prefix: list[int], prompts: list[list[int]]):
