@@ -21,7 +21,7 @@ import torch
 
 from tests.triton_tiers import ON_GPU, in_fresh_interpreter, run_in_fresh_interpreter, small  # before Triton
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, model_runner
 from engine.demo import build_tiny_model, smollm2_gguf_file
 from engine.layers import fusion
 from tests.conftest import hf_model
@@ -46,12 +46,11 @@ def kernel_calls(monkeypatch) -> collections.Counter:
     """Send the CPU engine down its CUDA path: every engine module's ``use_triton_kernels`` says yes on any device and
     the runner picks the triton attention backend. Returns a count of the calls each Triton entry point gets, so
     a test can show they ran."""
-    import engine.model_runner
     real = fusion.use_triton_kernels
     for module in [m for name, m in sys.modules.items() if name.startswith("engine.")]:
         if getattr(module, "use_triton_kernels", None) is real:
             monkeypatch.setattr(module, "use_triton_kernels", lambda x: True)
-    monkeypatch.setattr(engine.model_runner, "select_backend", lambda device, block_size: "triton")
+    monkeypatch.setattr(model_runner, "select_backend", lambda device, block_size: "triton")
     calls = collections.Counter()
     for module_name, names in KERNELS.items():
         module = importlib.import_module(module_name)
@@ -151,7 +150,9 @@ def test_a_long_row_split_alone_among_short_ones_matches_hf(shaped_models, kerne
 
 
 SEEDED = [SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=7),
-          SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=8, ignore_eos=True, seed=3)]
+          SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=8, ignore_eos=True, seed=3),
+          SamplingParams(temperature=1.0, max_tokens=12, seed=5, choice=["red", "green", "blue"]),
+          SamplingParams(temperature=0.9, max_tokens=12, seed=6, regex=r"[0-9]{3}-[a-z]{2}")]
 
 
 def seeded_samples(path: str) -> list[list[list[int]]]:
@@ -169,7 +170,8 @@ def seeded_on_cpu_path(shaped_models) -> list[list[list[int]]]:
 @small
 def test_seeded_sampling_equals_the_cpu_path(shaped_models, seeded_on_cpu_path, kernel_calls):
     """A seeded request draws its noise from a hash of (seed, position, token id), in the Gumbel kernel as in PyTorch,
-    so it samples the same tokens on either path (plain temperature, and top-k/top-p masks before the kernel)."""
+    so it samples the same tokens on either path: plain temperature, top-k/top-p masks before the kernel, and grammar
+    bitmasks, which the kernel applies itself."""
     assert seeded_samples(shaped_models[SHAPES[0]]) == seeded_on_cpu_path
     assert ran(kernel_calls) >= EVERY_STEP_KERNELS | {"gumbel_argmax"}, kernel_calls
 
