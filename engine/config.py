@@ -22,7 +22,8 @@ class Config:
     max_model_len: int = 4096
     max_num_seqs: int | None = None  # running sequences at most; None: fitted to the KV cache (default_max_num_seqs)
     max_num_batched_tokens: int = 16384  # tokens forwarded per step; longer prompts are prefilled in chunks
-    # prompt work in a step with decode rows, in tokens of short-context work (scheduler.prompt_work); None: no cap
+    # prompt work in a step with decode rows, in tokens of short-context work (scheduler.prompt_work), beside
+    # fewer than scheduler.PROMPT_CAP_ROWS decode rows scaled up (scheduler.prompt_work_cap); None: no cap
     max_prefill_tokens_with_decodes: int | None = 3072
     gpu_memory_utilization: float = 0.9
     kvcache_block_size: int = 128

@@ -17,6 +17,7 @@ class Context:
     block_tables: torch.Tensor | None = None   # [B, max_blocks]
     shared_blocks: torch.Tensor | None = None  # [1] decode: leading blocks common to every row (cascade)
     decode_order: torch.Tensor | None = None   # [decode rows] their indices, longest context first
+    decode_split_plan: tuple[int, int] | None = None  # eager steps: split the first rows of the order (the long ones)
 
 
 _CONTEXT = Context()

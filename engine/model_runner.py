@@ -30,12 +30,18 @@ from engine.logits_processors import PenaltyBatch, ProcessorRow, build_penalty_b
 from engine.models import build_model
 from engine.outputs import PENDING_TOKEN, SchedulerOutput
 from engine.sequence import Sequence
+from engine.staging import DownloadRing, UploadRing
 
 logger = get_logger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where no memory profile is taken
 CASCADE_MIN_BATCH = 16  # smaller decode batches gain little from it and would pay its extra kernels
 PROMPT_LOGITS_CHUNK = 1024  # prompt logprobs: positions whose logits are computed at a time
 UPLOAD_ALIGN_BYTES = 16  # Triton specializes kernels on 16-byte pointer alignment: every uploaded view has it
+# Pinned staging buffers (engine/staging.py): more than two steps' uploads (a prompt step makes up to ~5), and
+# more than the sampled-token copies of the steps in flight (two).
+UPLOAD_SLOTS = 12
+DOWNLOAD_SLOTS = 8
+UPLOAD_SLOT_MAX_BYTES = 8 << 20  # start-up size of an upload buffer at most (larger uploads grow theirs)
 
 
 def shared_prefix_blocks(tables: np.ndarray, lengths: np.ndarray) -> int:
@@ -92,6 +98,15 @@ class SamplingSettings:
     positions: np.ndarray
 
 
+def upload_bytes_bound(config: Config) -> int:
+    """Bytes of the largest single ``ModelRunner._upload`` (a decode step of every running sequence with a block
+    table as wide as the longest allowed, in int64; a prompt step's token arrays), padding included, up to
+    UPLOAD_SLOT_MAX_BYTES: the staging buffers' start-up size (2.7 MB at Qwen3's 32k context in 128-token blocks)."""
+    rows, tokens = config.max_num_seqs_limit, config.max_num_batched_tokens
+    bound = 8 * (4 * tokens + (config.max_blocks_per_seq + 8) * rows) + 16 * UPLOAD_ALIGN_BYTES
+    return min(bound, UPLOAD_SLOT_MAX_BYTES)
+
+
 def block_table_array(block_tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Block tables padded with 0 into one ``[rows, max_blocks]`` array, and each row's length."""
     lengths = np.fromiter(map(len, block_tables), dtype=np.int64, count=len(block_tables))
@@ -110,6 +125,8 @@ class ModelRunner:
         logger.info("Initializing ModelRunner (rank %d)", rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            self.uploads = UploadRing(self.device, UPLOAD_SLOTS, upload_bytes_bound(config))
+            self.downloads = DownloadRing(DOWNLOAD_SLOTS, 8 * config.max_num_seqs_limit)
         Attention.backend = select_backend(self.device, self.block_size)
         logger.info("Loading model: %s", config.model)
         previous_dtype = torch.get_default_dtype()
@@ -235,16 +252,14 @@ class ModelRunner:
 
     # ----- inputs ---------------------------------------------------------------------------------
     def _upload(self, *arrays: np.ndarray, dtype: type = np.int64) -> list[torch.Tensor]:
-        """Copy the arrays to the device in one transfer (pinned and non-blocking on CUDA); a view per array,
-        each starting UPLOAD_ALIGN_BYTES-aligned."""
+        """Copy the arrays to the device in one transfer (through a pinned staging buffer, non-blocking, on CUDA);
+        a view per array, each starting UPLOAD_ALIGN_BYTES-aligned."""
         align = UPLOAD_ALIGN_BYTES // np.dtype(dtype).itemsize
         offsets = np.cumsum([0] + [-(-a.size // align) * align for a in arrays])
         flat = np.zeros(offsets[-1], dtype=dtype)
         for a, start in zip(arrays, offsets):
             flat[start:start + a.size] = a.ravel()
-        device = torch.from_numpy(flat)
-        if self.device.type == "cuda":
-            device = device.pin_memory().to(self.device, non_blocking=True)
+        device = self.uploads.upload(flat) if self.device.type == "cuda" else torch.from_numpy(flat)
         return [device[start:start + a.size].view(a.shape) for a, start in zip(arrays, offsets)]
 
     def _pending_inputs(self, batch: SchedulerOutput, input_ids: np.ndarray, token_rows: np.ndarray
@@ -282,7 +297,8 @@ class ModelRunner:
         set_context(is_prefill=True, cu_seqlens_q=cu_d, num_decode_tokens=batch.num_decode_rows,
                     max_seqlen_q=int(new_lens.max()), max_seqlen_k=int(context_lens.max()),
                     max_prompt_context=int(context_lens[batch.num_decode_rows:].max(initial=0)),
-                    slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d, decode_order=order_d)
+                    slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d, decode_order=order_d,
+                    decode_split_plan=self._split_plan(context_lens[order]))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] PREFILL tensors: input_ids=[%d], positions=[%d], slot_mapping=[%d]",
                          self.rank, num_tokens, num_tokens, num_tokens)
@@ -300,15 +316,26 @@ class ModelRunner:
         input_ids = np.fromiter((t[0] for t in batch.token_ids), dtype=np.int64, count=n)
         shared = np.array([shared_prefix_blocks(tables, lengths) if self._cascade(n) else 0])
         pending = self._pending_inputs(batch, input_ids, np.arange(n))
+        order = longest_first(positions)
         ids_d, positions_d, slots_d, context_d, tables_d, shared_d, order_d, *pending_d = self._upload(
-            input_ids, positions, slot_mapping, positions + 1, tables, shared, longest_first(positions), *pending)
+            input_ids, positions, slot_mapping, positions + 1, tables, shared, order, *pending)
         self._feed_pending(ids_d, *pending_d)
         set_context(is_prefill=False, slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d,
-                    shared_blocks=shared_d if shared[0] else None, decode_order=order_d)
+                    shared_blocks=shared_d if shared[0] else None, decode_order=order_d,
+                    decode_split_plan=self._split_plan(positions[order] + 1))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("[Rank %d] DECODE tensors: input_ids=[%d], positions=[%d], context_lens=[%d], "
                          "block_tables=%s, shared_prefix_blocks=%d", self.rank, n, n, n, list(tables.shape), shared[0])
         return ids_d, positions_d
+
+    def _split_plan(self, context_lens_desc: np.ndarray) -> tuple[int, int] | None:
+        """Which of a step's decode rows (context lengths, longest first) the Triton decode kernel splits: the few
+        much longer than the rest (``long_row_split_plan``); a decode-only step with such rows replays the piecewise
+        graphs instead of a whole-model one."""
+        if Attention.backend != "triton" or not len(context_lens_desc):
+            return None
+        from engine.kernels.triton_attention import long_row_split_plan
+        return long_row_split_plan(context_lens_desc, self.attention_layers[0].num_kv_heads, self.device)
 
     def _cascade(self, batch: int) -> bool:
         """Whether a decode batch of this size may attend to its shared prefix blocks once (cascade attention):
@@ -468,13 +495,14 @@ class ModelRunner:
         logprob_rows = sampling.logprob_row_list if logprobs is not None else []
         if self.device.type != "cuda":
             return SampledTokens(sampled, sampled, None, logprobs, logprob_rows, prompt_logprobs)
-        host, logprobs = self._to_host(sampled), logprobs and self._to_host(logprobs)
+        host, logprobs = self.downloads.download(sampled), logprobs and self._to_host(logprobs)
         ready = torch.cuda.Event()
         ready.record()
         return SampledTokens(sampled, host, ready, logprobs, logprob_rows, prompt_logprobs)
 
     def _to_host(self, x: torch.Tensor | TokenLogprobs) -> torch.Tensor | TokenLogprobs:
-        """Start copying to (pinned) host memory; the copy is complete once the step's ``ready`` event is."""
+        """Start copying logprobs to (pinned) host memory of their own, which the engine may keep; the copy is
+        complete once the step's ``ready`` event is. (Sampled tokens go through ``self.downloads``.)"""
         if self.device.type != "cuda":
             return x
         if isinstance(x, TokenLogprobs):
@@ -483,19 +511,23 @@ class ModelRunner:
         return host.copy_(x, non_blocking=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode_only: bool) -> torch.Tensor:
-        graphs = self.decode_graphs if decode_only else self.piecewise_graphs
+        # A decode step that splits a few long rows (its split plan) cannot replay a whole-model graph, whose splits
+        # depend on the batch size only: it replays the pieces around its eager attention, as a mixed step does.
+        whole = decode_only and get_context().decode_split_plan is None
+        graphs = self.decode_graphs if whole else self.piecewise_graphs
         size = graphs.padded_size(input_ids.shape[0]) if graphs is not None else None
         if size is None:
             return self.model(input_ids, positions)
         if logger.isEnabledFor(logging.DEBUG):
-            if decode_only:
+            if whole:
                 logger.debug("[Rank %d] DECODE CUDA graph replay: batch=%d, graph_batch=%d, k_cache=%s, v_cache=%s "
                              "(per-layer attention lines are not emitted during replay)", self.rank,
                              input_ids.shape[0], size, list(self.kv_cache[0].shape), list(self.kv_cache[1].shape))
             else:
                 logger.debug("[Rank %d] %s piecewise CUDA graph replay: tokens=%d, graph_tokens=%d (attention runs "
                              "eagerly between the pieces; other per-layer lines are not emitted)", self.rank,
-                             "MIXED" if get_context().num_decode_tokens else "PREFILL", input_ids.shape[0], size)
+                             "DECODE" if decode_only else "MIXED" if get_context().num_decode_tokens else "PREFILL",
+                             input_ids.shape[0], size)
         return graphs.replay(input_ids, positions, size)
 
     # ----- CUDA graphs ----------------------------------------------------------------------------

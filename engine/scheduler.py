@@ -2,10 +2,11 @@
 every running sequence that has sampled, then the next chunks of running sequences still prefilling, then
 waiting prompts (whole, or a first chunk when the budget left is smaller). A prompt longer than the budget is
 thus prefilled over several steps. In a step with decode rows, prompt work is capped as well
-(``max_prefill_tokens_with_decodes``), counted in tokens of short-context work: a token at position p counts
-1 + p / ``attention_break_even``, since its attention over p keys costs that much more than its linear layers.
-So a long prompt's late chunks, whose attention reads the whole prefix, are cut short and do not stall the
-decoding sequences beside them, while short prompts keep nearly the whole budget. Prompt chunks next to other
+(``max_prefill_tokens_with_decodes``, scaled up beside fewer than PROMPT_CAP_ROWS decode rows: ``prompt_work_cap``),
+counted in tokens of short-context work: a token at position p counts 1 + p / ``attention_break_even``, since its
+attention over p keys costs that much more than its linear layers. So a long prompt's late chunks, whose attention
+reads the whole prefix, are cut short and do not stall the decoding sequences beside them, while short prompts
+keep nearly the whole budget. Prompt chunks next to other
 rows leave PREFILL_WATERMARK of the KV cache free, so the decoding sequences can grow into it; when the cache
 still runs out, the newest sequences not yet in the batch are preempted and later recomputed. ``max_num_seqs``
 bounds the running set.
@@ -28,6 +29,9 @@ from engine.sequence import Sequence, SequenceStatus
 logger = get_logger(__name__)
 MAX_LISTED_SEQS = 8
 PREFILL_WATERMARK = 0.01  # of the KV blocks, kept free of prompt chunks for decodes (vLLM v0's default, 1 %)
+# The decode rows that max_prefill_tokens_with_decodes protects at its face value; beside fewer, the cap grows in
+# proportion (prompt_work_cap).
+PROMPT_CAP_ROWS = 32
 
 
 def prompt_work(start: int, num_tokens: int, break_even: float) -> float:
@@ -35,6 +39,17 @@ def prompt_work(start: int, num_tokens: int, break_even: float) -> float:
     counts 1 for its linear layers plus (keys it attends to) / ``break_even`` for its attention."""
     keys = num_tokens * start + num_tokens * (num_tokens + 1) / 2
     return num_tokens + keys / break_even
+
+
+def prompt_work_cap(cap: int | None, decode_rows: int) -> float | None:
+    """The prompt work a step beside ``decode_rows`` decode rows may take (None: no cap): ``cap`` from
+    PROMPT_CAP_ROWS rows on, ``cap * PROMPT_CAP_ROWS / decode_rows`` below. The cap trades throughput for the
+    decoding rows' inter-token latency, and the delay a step's prompt work adds is paid by every decoding row: with
+    few of them (a long prompt prefilled beside the first rows of its batch) it buys little, so their total delay,
+    not each one's, is bounded."""
+    if cap is None or not decode_rows:
+        return None
+    return cap * max(1.0, PROMPT_CAP_ROWS / decode_rows)
 
 
 def prompt_tokens_within(work: float, start: int, break_even: float) -> int:
@@ -109,7 +124,7 @@ class Scheduler:
         for seq in self.running:
             (decoding if seq.is_decoding else prefilling).append(seq)
         tokens = self._schedule_decodes(out, decoding, self.max_num_batched_tokens)
-        work = self.max_prefill_tokens_with_decodes if out.num_decode_rows else None
+        work = prompt_work_cap(self.max_prefill_tokens_with_decodes, out.num_decode_rows)
         budget = PromptBudget(tokens, work, self.attention_break_even)
         self._schedule_prefilling(out, prefilling, budget)
         if not out.num_preempted:

@@ -54,9 +54,12 @@ def test_long_prompts_in_chunks_mixed_with_decodes_match_hf(tiny_models, arch, a
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_chunks_cut_by_the_work_cap_beside_decodes_match_hf(tiny_models, async_scheduling):
-    """Beside decode rows a step takes at most 12 tokens of prompt work, a token at position p counting
-    1 + p / attention_break_even: the long prompts' late chunks shrink to a few tokens, down to the one-token floor."""
+def test_chunks_cut_by_the_work_cap_beside_decodes_match_hf(tiny_models, async_scheduling, monkeypatch):
+    """Beside decode rows a step takes at most 12 tokens of prompt work (at its face value beside any number of
+    them), a token at position p counting 1 + p / attention_break_even: the long prompts' late chunks shrink to a
+    few tokens, down to the one-token floor."""
+    from engine import scheduler
+    monkeypatch.setattr(scheduler, "PROMPT_CAP_ROWS", 1)
     path = tiny_models["qwen2"]
     prompts = random_prompts(512, (5, 300, 17, 213), seed=4)
     outs, records = generate(path, prompts, max_new=12, max_prefill_tokens_with_decodes=12,

@@ -127,6 +127,27 @@ def test_half_precision_with_split_k_products_near_hf(shaped_models, kernel_call
     assert ran(kernel_calls) >= EVERY_STEP_KERNELS | {"split_k_linear"}, kernel_calls
 
 
+@small
+def test_a_long_row_split_alone_among_short_ones_matches_hf(shaped_models, kernel_calls, monkeypatch):
+    """A 300-token row decoding among eight short ones gets its keys split by the step's plan (``long_row_split_plan``,
+    its floor lowered from 1,024 keys so the row stands out on the interpreter's 4 SMs), the short rows one part
+    each; greedy still equals HF."""
+    from engine.kernels import triton_attention
+    monkeypatch.setattr(triton_attention, "LONG_ROW_MIN_KEYS", 64)
+    plans = []
+    decode = triton_attention.paged_decode_attention
+
+    def spy(*args, split_plan=None, **kwargs):
+        plans.append(split_plan)
+        return decode(*args, split_plan=split_plan, **kwargs)
+    monkeypatch.setattr(triton_attention, "paged_decode_attention", spy)
+    path = shaped_models[SHAPES[0]]
+    prompts = random_prompts(500, (300,) + (10,) * 8, seed=13)
+    outs, _ = generate(path, prompts, max_new=20)
+    assert (1, 5) in plans, set(plans)
+    assert [o["token_ids"] for o in outs] == [expected(path, p, 20) for p in prompts]
+
+
 SEEDED = [SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=7),
           SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=8, ignore_eos=True, seed=3),
           SamplingParams(temperature=1.0, max_tokens=12, seed=5, choice=["red", "green", "blue"]),

@@ -238,6 +238,39 @@ def test_long_context_chunks_split_keys_fp32_equal_hf(tmp_path, monkeypatch):
           f"steps equal; tie gaps {gaps}")
 
 
+def test_long_rows_among_short_split_fp32_equal_hf(tmp_path, monkeypatch):
+    """One 3,000-token row decoding among 180 short ones: its keys are split (the step's plan; decode-only steps
+    with a plan replay the piecewise graphs around their eager attention), the short rows' are not; in fp32 greedy
+    equals HF on the long row and eight short ones (a difference only at an fp32 tie closer than 1e-3)."""
+    from engine.context import get_context
+    from engine.kernels import triton_attention
+    plans = []
+    decode = triton_attention.paged_decode_attention
+
+    def spy(*args, split_plan=None, **kwargs):
+        plans.append((split_plan, get_context().is_prefill))
+        return decode(*args, split_plan=split_plan, **kwargs)
+    monkeypatch.setattr(triton_attention, "paged_decode_attention", spy)
+    case = CASES[0]
+    path = str(tmp_path / "model")
+    build_case(case, path, max_positions=4096)
+    rng = random.Random(10)
+    prompts = [[rng.randrange(3, case.vocab) for _ in range(n)] for n in [3000] + [rng.randint(5, 40) for _ in range(180)]]
+    llm = LLM(path, dtype="float32", max_model_len=4096, gpu_memory_utilization=0.25)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert ((1, 3), False) in plans, f"no decode-only step split the long row alone: {set(plans)}"
+    from transformers import AutoModelForCausalLM
+    hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    checked = prompts[:9]
+    reference = [hf_greedy(path, p, STEPS, hf32) for p in checked]
+    equal, gaps = near_tie_report(hf32, checked, reference, [o["token_ids"] for o in outs[:9]], 1e-3)
+    print(f"\n[{case.name} fp32, a 3,000-token row among 180 short, its keys split] greedy {equal}/{STEPS * 9} steps "
+          f"equal; tie gaps {gaps}")
+
+
 SMOLLM2_QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
     "Who wrote Romeo and Juliet?", "Explain photosynthesis in one sentence.",
@@ -389,3 +422,34 @@ def test_launching_a_step_never_waits_for_the_device(tmp_path):
         llm.shutdown()
     assert [len(o["token_ids"]) for o in outs] == [p.max_tokens for p in params]
     assert launches.count("forward") > 20 and launches.count("sample") > 20
+
+
+def pinned_blocks_created() -> int:
+    """cudaHostAlloc calls so far by torch's caching host allocator (``allocations.allocated`` where the
+    torch version has no ``num_host_alloc``)."""
+    stats = torch.cuda.host_memory_stats()
+    return stats.get("num_host_alloc", stats["allocations.allocated"])
+
+
+def test_steps_allocate_no_pinned_memory(tmp_path):
+    """A step's uploads and its sampled tokens' copy back go through pinned buffers allocated at start-up
+    (engine/staging.py): a run whose batches grow and shrink through every size makes no cudaHostAlloc (each can
+    hold the host until the device is idle), and its tokens equal the same run's through a one-slot ring (every
+    upload waiting for the previous copy), so no staging buffer is rewritten before its copy has run."""
+    from engine.staging import UploadRing
+    case = CASES[0]
+    build_case(case, str(tmp_path))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, case.vocab) for _ in range(rng.randint(5, 700))] for _ in range(150)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 80), ignore_eos=True) for _ in prompts]
+    llm = LLM(str(tmp_path), max_model_len=1024, max_num_batched_tokens=512, enable_prefix_caching=False)
+    try:  # (no prefix cache: the second run schedules exactly the batches of the first)
+        before = pinned_blocks_created()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert pinned_blocks_created() == before
+        runner = llm.model_runner
+        runner.uploads = UploadRing(runner.device, 1, 64)  # one slot, grown on the first upload
+        serial = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in serial]

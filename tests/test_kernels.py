@@ -7,6 +7,8 @@ The interpreter (Triton 3.9) multiplies bf16 dot operands as raw bits, so the CP
 fp32 and fp16; bf16 is covered by the GPU tier. Outputs are poisoned with NaN before each call,
 so any element the kernel fails to write fails the check.
 """
+import functools
+
 import pytest
 import torch
 
@@ -186,6 +188,76 @@ def test_decode_splits(num_splits):
 
 
 @small
+@pytest.mark.parametrize("split_plan", [(1, 16), (2, 5), (6, 3)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (10, 2, 80), (16, 8, 128)])
+def test_decode_split_plan_small(split_plan, num_heads, num_kv_heads, head_dim):
+    """Only the first rows of the order (the longest) split, the others one program each: a row with no key, a
+    one-token row, more splits than a row has tiles, every row split; plain and with a shared prefix (cascade)."""
+    context_lens, dtype, seed = [200, 5, 17, 0, 90, 33], torch.float32, sum(split_plan) + head_dim
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables, lens = make_paged(context_lens, num_kv_heads, head_dim, 16, dtype, gen)
+    q = strided_query(len(context_lens), num_heads, head_dim, dtype, gen)
+    order = torch.from_numpy(longest_first(lens.cpu().numpy())).to(DEVICE)
+    config = triton_attention.DecodeConfig(block_n=16, num_stages=2, shared_block_m=16, shared_num_warps=4)
+    ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, order=order,
+                                                  split_plan=split_plan, out=poisoned_like(q), config=config)
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+    long_rows = [r for r in (0, 4, 5, 1, 2) if context_lens[r] >= 33]  # all rows but the empty one share 2 blocks
+    shared = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    tables = share_prefix(tables, 2)
+    lens = torch.tensor([n if r in long_rows else 0 for r, n in enumerate(context_lens)], dtype=torch.int32,
+                        device=DEVICE)
+    order = torch.from_numpy(longest_first(lens.cpu().numpy())).to(DEVICE)
+    ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, shared,
+                                                  order=order, split_plan=split_plan, out=poisoned_like(q),
+                                                  config=config)
+    assert rel_error(out[lens > 0], ref[lens > 0]) < TOLERANCE[dtype]
+
+
+@small
+def test_decode_split_plan_within_partial_bytes(monkeypatch):
+    """A plan's split count is cut to what PARTIAL_BYTES holds (partials are kept for every row): room for 3
+    slots turns (1, 16) into (1, 3), and the result still equals the reference."""
+    context_lens, num_heads, head_dim = [300, 5, 17, 0, 90, 33], 9, 64
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache, tables, lens = make_paged(context_lens, 3, head_dim, 16, torch.float32, gen)
+    q = strided_query(len(context_lens), num_heads, head_dim, torch.float32, gen)
+    order = torch.from_numpy(longest_first(lens.cpu().numpy())).to(DEVICE)
+    monkeypatch.setattr(triton_attention, "PARTIAL_BYTES", 3 * len(context_lens) * num_heads * head_dim * 4)
+    launched, kernel = [], triton_attention._decode_split_kernel
+
+    class GridSpy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(triton_attention, "_decode_split_kernel", GridSpy())
+    config = triton_attention.DecodeConfig(block_n=16, num_stages=2, shared_block_m=16, shared_num_warps=4)
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, order=order,
+                                                  split_plan=(1, 16), out=poisoned_like(q), config=config)
+    assert launched == [(3, 3 + len(context_lens) - 1)]  # (KV heads, parts): 3 parts for the longest row
+    ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    assert rel_error(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_long_row_split_plan(monkeypatch):
+    """Split only rows far longer than the rest (W6: a few 20k-token rows among ~500 short ones), never batches the
+    shape rule already splits (few rows) or whose longest row is within twice a fair share (W1, W5, all long)."""
+    import numpy as np
+    monkeypatch.setattr(triton_attention, "_num_sms", lambda device: 132)
+    plan = functools.partial(triton_attention.long_row_split_plan, num_kv_heads=8, device="cuda")
+    desc = lambda *groups: np.array(sorted(sum((list(g) for g in groups), []), reverse=True))  # noqa: E731
+    rng = np.random.default_rng(0)
+    assert plan(desc([20_000] * 3, [700] * 500)) == (3, 5)  # share (60k + 350k) * 8 / 660 keys = 4,969
+    assert plan(desc([20_000] * 3, [700] * 20)) is None     # 184 programs: the shape rule splits every row
+    assert plan(desc(rng.integers(600, 2049, 128))) is None    # W1's rows
+    assert plan(desc(rng.integers(100, 1601, 1008))) is None   # W5's
+    assert plan(desc([20_000] * 500)) is None
+    assert plan(desc([9_000], [100] * 700)) == (1, 9)  # share (9k + 70k) * 8 / 660 = 957: at its 1,024-key floor
+
+
+@small
 def test_decode_zero_context_gives_zeros():
     gen = torch.Generator().manual_seed(5)
     k_cache, v_cache, tables, lens = make_paged([0, 20], 1, 16, 16, torch.float32, gen)
@@ -259,7 +331,7 @@ def test_prefill_key_splits_small(num_splits, num_heads, num_kv_heads, head_dim,
 
 def test_prefill_num_splits():
     """One split when the grid fills two waves or the context is short; else toward four waves, each split at least
-    PREFILL_MIN_SPLIT_KEYS keys, the partials within PREFILL_PARTIAL_BYTES."""
+    PREFILL_MIN_SPLIT_KEYS keys, the partials within PARTIAL_BYTES."""
     sms = 132
     assert triton_attention.prefill_num_splits(2 * sms, 20_000, 700, 16, 128, sms) == 1
     assert triton_attention.prefill_num_splits(88, 2047, 700, 16, 128, sms) == 1       # under two splits' keys
@@ -381,6 +453,27 @@ def test_decode_gpu_large_batch(block_size):
     gen = torch.Generator().manual_seed(block_size)
     lens = torch.randint(1, 2049, (256,), generator=gen).tolist()
     check_decode(lens, 16, 8, 128, block_size, torch.bfloat16, seed=block_size + 1)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(16, 8, 128), (9, 3, 64)])
+def test_decode_gpu_long_rows_split(num_heads, num_kv_heads, head_dim):
+    """W6's mix at real sizes: 3 rows of 16k-24k tokens among 500 of 100-2,048, with the plan an eager step makes
+    (only the long rows split), bf16 at the engine's block size."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(head_dim)
+    context_lens = [16_500, 20_000, 24_000] + torch.randint(100, 2049, (500,), generator=gen).tolist()
+    plan = triton_attention.long_row_split_plan(np.array(sorted(context_lens, reverse=True)), num_kv_heads,
+                                                torch.device("cuda"))
+    assert plan is not None and plan[0] == 3
+    k_cache, v_cache, tables, lens = make_paged(context_lens, num_kv_heads, head_dim, 128, torch.bfloat16, gen)
+    q = strided_query(len(context_lens), num_heads, head_dim, torch.bfloat16, gen)
+    order = torch.from_numpy(longest_first(lens.cpu().numpy())).to(DEVICE)
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, order=order,
+                                                  split_plan=plan, out=poisoned_like(q))
+    ref = reference.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    assert rel_error(out, ref) < TOLERANCE[torch.bfloat16]
 
 
 @gpu

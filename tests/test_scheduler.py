@@ -6,7 +6,8 @@ import pytest
 
 from engine import SamplingParams
 from engine.outputs import PENDING_TOKEN, SchedulerOutput
-from engine.scheduler import PromptBudget, Scheduler, prompt_tokens_within, prompt_work
+from engine import scheduler
+from engine.scheduler import PromptBudget, Scheduler, prompt_tokens_within, prompt_work, prompt_work_cap
 from engine.sequence import Sequence, SequenceStatus
 
 BS = 16
@@ -63,7 +64,13 @@ def test_one_budget_decodes_first_then_chunks_then_waiting():
     assert out.is_decode_only and out.phase == "decode" and [r[2] for r in rows(out)] == [1, 1, 1]
 
 
-def test_prefill_cap_applies_only_beside_decodes():
+@pytest.fixture
+def flat_cap(monkeypatch):
+    """The cap at its face value beside any number of decode rows (these tests have one or two)."""
+    monkeypatch.setattr(scheduler, "PROMPT_CAP_ROWS", 1)
+
+
+def test_prefill_cap_applies_only_beside_decodes(flat_cap):
     sch = make(max_prefill_tokens_with_decodes=16)
     a, b, c = seq(30), seq(100, first=100), seq(20, first=300)
     sch.add(a)
@@ -76,6 +83,22 @@ def test_prefill_cap_applies_only_beside_decodes():
     while b.num_computed_tokens < 100:
         out = step(sch)
         assert out.num_decode_rows and out.total_num_scheduled_tokens - out.num_decode_rows <= 16
+
+
+@pytest.mark.parametrize("decode_rows,chunk", [(1, 512), (2, 256), (8, 64), (32, 16), (70, 16)])
+def test_the_cap_grows_beside_fewer_decode_rows(decode_rows, chunk):
+    """Beside fewer than PROMPT_CAP_ROWS decode rows the work cap grows in proportion (16 x 32 / rows), up to the
+    token budget; from PROMPT_CAP_ROWS rows on it is the configured 16."""
+    assert scheduler.PROMPT_CAP_ROWS == 32
+    sch = make(n_blocks=200, max_num_batched_tokens=600, max_num_seqs=80, max_prefill_tokens_with_decodes=16)
+    decoding = [seq(3, first=1000 + 4 * i) for i in range(decode_rows)]
+    for s in decoding:
+        sch.add(s)
+    step(sch)                                      # their prompts, whole: no decode rows yet
+    sch.add(long := seq(1000, first=5000, max_tokens=1))
+    out = step(sch)
+    assert out.num_decode_rows == decode_rows and rows(out)[-1] == (long.seq_id, 0, chunk, False)
+    assert prompt_work_cap(16, decode_rows) == 16 * max(1, 32 / decode_rows) and prompt_work_cap(16, 0) is None
 
 
 @pytest.mark.parametrize("break_even", [1.0, 3.5, 40.0, 3840.0, 1e9, float("inf")])
@@ -98,7 +121,7 @@ def test_prompt_budget_floor_and_exhaustion():
     assert not PromptBudget(tokens=5, work=None, break_even=10.0).exhausted
 
 
-def test_long_context_chunks_beside_decodes_are_cut_by_their_attention():
+def test_long_context_chunks_beside_decodes_are_cut_by_their_attention(flat_cap):
     sch = make(max_num_batched_tokens=200, max_model_len=1024, n_blocks=80, max_prefill_tokens_with_decodes=32,
                attention_break_even=64.0)
     a, b, c = seq(10, max_tokens=200), seq(400, first=100), seq(10, first=600)
@@ -118,7 +141,7 @@ def test_long_context_chunks_beside_decodes_are_cut_by_their_attention():
     assert c.completion_token_ids
 
 
-def test_a_prompt_deep_in_a_long_context_still_advances_one_token_a_step():
+def test_a_prompt_deep_in_a_long_context_still_advances_one_token_a_step(flat_cap):
     sch = make(max_num_batched_tokens=200, max_model_len=1024, n_blocks=80, max_prefill_tokens_with_decodes=2,
                attention_break_even=1.0)
     a, b = seq(10), seq(300, first=100)
@@ -314,9 +337,9 @@ def check_batch(sch: Scheduler, out: SchedulerOutput, was_waiting: set[int], pen
             writes[s.block_table[pos // BS], pos % BS] = s, pos
     prompt_rows = list(zip(out.num_computed_tokens, out.num_scheduled_tokens))[out.num_decode_rows:]
     one_token_floor = [n for _, n in prompt_rows] == [1]
-    if out.num_decode_rows and sch.max_prefill_tokens_with_decodes and not one_token_floor:
-        work = sum(prompt_work(start, n, sch.attention_break_even) for start, n in prompt_rows)
-        assert work <= sch.max_prefill_tokens_with_decodes
+    cap = prompt_work_cap(sch.max_prefill_tokens_with_decodes, out.num_decode_rows)
+    if cap is not None and not one_token_floor:
+        assert sum(prompt_work(start, n, sch.attention_break_even) for start, n in prompt_rows) <= cap
     for s, start in zip(out.seqs, out.num_computed_tokens):
         for pos in range(start if s.seq_id in was_waiting else 0):  # prefix-cache hits hold this prompt's K/V
             writer, writer_pos = writes[s.block_table[pos // BS], pos % BS]

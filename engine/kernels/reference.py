@@ -63,12 +63,13 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor,
                                scale: float, shared_blocks: torch.Tensor | None = None, *,
-                               order: torch.Tensor | None = None,
+                               order: torch.Tensor | None = None, split_plan: tuple[int, int] | None = None,
                                out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention: one query token per sequence (``q: [B, num_heads, head_dim]``).
 
-    ``shared_blocks`` (how many leading blocks every row shares) and ``order`` (the order the rows'
-    programs start in) are hints for the Triton kernel; the result depends on neither. ``out``
+    ``shared_blocks`` (how many leading blocks every row shares), ``order`` (the order the rows'
+    programs start in) and ``split_plan`` (which rows' keys it splits) are hints for the Triton kernel; the
+    result depends on none of them. ``out``
     (shape of q) is written if given."""
     out = torch.empty_like(q) if out is None else out
     for b, ctx in enumerate(context_lens.tolist()):

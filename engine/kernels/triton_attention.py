@@ -11,6 +11,7 @@ See docs/kernels-notes.md for the design and the measured numbers.
 import functools
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -104,28 +105,30 @@ def _attend_keys(q, k_base, v_base, block_table, start, end, qk_scale, stride_cb
 # in the middle of a run whenever it becomes 1 or a multiple of 16, or stops being one.
 # The row order is a pointer too: it is read once per program, and its alignment differs between the decode graphs'
 # static buffer and the uploads of eager and mixed steps.
-@triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_bt", "order_ptr"])
+@triton.jit(do_not_specialize=["split_rows", "num_splits", "num_slots", "stride_bt", "order_ptr"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, shared_blocks_ptr, order_ptr,
-                         out_ptr, part_out_ptr, part_lse_ptr, qk_scale, num_splits, num_slots,
+                         out_ptr, part_out_ptr, part_lse_ptr, qk_scale, split_rows, num_splits, num_slots,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
                          stride_cb, stride_ct, stride_ch,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ORDER: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
-    """Grid (kv_head, split, rank): the GPU starts programs in that order (kv_head fastest), and
-    rank ``r`` serves row ``order[r]`` (HAS_ORDER; else row ``r``), so rows listed longest first
-    start their long programs first and the short ones fill in at the end (longest processing
-    time first). Split ``s`` covers ``[s * split_len, (s + 1) * split_len)`` of the sequence's own
-    keys, ``split_len`` derived on the device from its length, so every split of a long sequence
-    has work and splits past a short one return at once. With HAS_SHARED, the first
-    ``shared_blocks`` cache blocks (common to the whole batch) are left to
-    :func:`_shared_prefix_kernel` and the splits cover the rest. A program writes the output
-    when it is the only one with work; otherwise a normalised partial output and its
-    log2-sum-exp into slot ``split`` of ``num_slots``."""
+    """Grid (kv_head, part): the GPU starts programs in that order (kv_head fastest). The first
+    ``split_rows`` ranks have ``num_splits`` parts each, the others one: part ``i`` is split
+    ``i % num_splits`` of rank ``i // num_splits`` below ``split_rows * num_splits``, else the
+    whole of rank ``split_rows + i - split_rows * num_splits``. Rank ``r`` serves row ``order[r]``
+    (HAS_ORDER; else row ``r``), so rows listed longest first start their long programs first and
+    the short ones fill in at the end (longest processing time first), and splitting only the first
+    ranks splits only the longest rows. Split ``s`` covers ``[s * split_len, (s + 1) * split_len)``
+    of the sequence's own keys, ``split_len`` derived on the device from its length, so every split
+    of a long sequence has work and splits past a short one return at once. With HAS_SHARED, the
+    first ``shared_blocks`` cache blocks (common to the whole batch) are left to
+    :func:`_shared_prefix_kernel` and the splits cover the rest. A program writes the output when
+    it is the only one with work; otherwise a normalised partial output and its log2-sum-exp into
+    slot ``split`` of ``num_slots``."""
     kv_head = tl.program_id(0)
-    split = tl.program_id(1)
-    seq = tl.program_id(2)
+    seq, split, row_splits = _decode_part(tl.program_id(1), split_rows, num_splits)
     if HAS_ORDER:
         seq = tl.load(order_ptr + seq)
     context_len = tl.load(context_lens_ptr + seq)
@@ -133,9 +136,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
     if HAS_SHARED:
         shared_len = tl.minimum(tl.load(shared_blocks_ptr) * BLOCK_SIZE, context_len)
     own_len = context_len - shared_len
-    split_len = tl.cdiv(tl.cdiv(own_len, num_splits), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(own_len, row_splits), BLOCK_N) * BLOCK_N
     start = shared_len + split * split_len
-    if (num_splits > 1) & (start >= context_len):
+    if (row_splits > 1) & (start >= context_len):
         return
     end = tl.minimum(start + split_len, context_len)
 
@@ -151,13 +154,22 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
                                  stride_cb, stride_ct, BLOCK_H, HEAD_DIM, DIM_P2, BLOCK_SIZE, BLOCK_N,
                                  DOT_PRECISION)
 
-    if _writes_output(num_splits, shared_len, HAS_SHARED):
+    if _writes_output(row_splits, shared_len, HAS_SHARED):
         acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
         out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         _store_partial(part_out_ptr, part_lse_ptr, (seq * NUM_HEADS + heads) * num_slots + split,
                        acc, m_i, l_i, offs_d, head_mask, HEAD_DIM)
+
+
+@triton.jit
+def _decode_part(part, split_rows, num_splits):
+    """Rank, split and the rank's split count of decode part ``part`` (see :func:`_decode_split_kernel`)."""
+    long_parts = split_rows * num_splits
+    is_split = part < long_parts
+    rank = tl.where(is_split, part // num_splits, split_rows + part - long_parts)
+    return rank, tl.where(is_split, part % num_splits, 0), tl.where(is_split, num_splits, 1)
 
 
 @triton.jit
@@ -217,23 +229,29 @@ def _shared_prefix_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, shared_blocks_p
                    HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["num_splits", "prefix_splits"])
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_blocks_ptr, out_ptr,
-                          num_splits, prefix_splits, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
+@triton.jit(do_not_specialize=["split_rows", "num_splits", "prefix_splits", "order_ptr"])
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_blocks_ptr, order_ptr, out_ptr,
+                          split_rows, num_splits, prefix_splits, stride_ob, stride_oh, NUM_HEADS: tl.constexpr,
                           HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr, SLOTS_P2: tl.constexpr):
-    """Grid (batch, head): merge the partials of the parts that had work (own-key splits, then
-    shared-prefix splits); a no-op when the split kernel wrote the output itself."""
-    seq = tl.program_id(0)
+                          BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_ORDER: tl.constexpr,
+                          SLOTS_P2: tl.constexpr):
+    """Grid (ranks, head): merge the partials of rank ``r``'s row (``order[r]`` with HAS_ORDER) from the
+    parts that had work (own-key splits, then shared-prefix splits); a no-op when the split kernel
+    wrote the output itself."""
+    rank = tl.program_id(0)
     head = tl.program_id(1)
+    row_splits = tl.where(rank < split_rows, num_splits, 1)
+    seq = rank
+    if HAS_ORDER:
+        seq = tl.load(order_ptr + rank)
     context_len = tl.load(context_lens_ptr + seq)
     shared_len = 0
     if HAS_SHARED:
         shared_len = tl.minimum(tl.load(shared_blocks_ptr) * BLOCK_SIZE, context_len)
-    if _writes_output(num_splits, shared_len, HAS_SHARED):
+    if _writes_output(row_splits, shared_len, HAS_SHARED):
         return
     own_len = context_len - shared_len
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(own_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(own_len, row_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
     slots = tl.arange(0, SLOTS_P2)
     active = slots < tl.cdiv(own_len, split_len)
     if HAS_SHARED:
@@ -415,6 +433,31 @@ def decode_num_splits(rows: int, num_kv_heads: int, max_context: int, block_n: i
     return max(1, min(wanted, triton.cdiv(max_context, block_n), 64))
 
 
+# A decode program walks its keys alone at ~13 GB/s (H200: a 20k-token row among ~500 short ones kept a W6 step at
+# 23 ms against 13 ms of K/V reads), while the whole GPU reads ~4.2 TB/s: with LPT order a long row's program is
+# hidden while it is shorter than the step's read time, i.e. while its keys are fewer than about
+# 2 * LONG_ROW_PROGRAMS_PER_SM * SMs programs' fair share of all keys. (Estimates from one W6 run, ninth session.)
+LONG_ROW_PROGRAMS_PER_SM = 5
+LONG_ROW_MIN_KEYS = 1024
+PARTIAL_BYTES = 64 << 20  # the fp32 partials of one call at most (a decode split plan's, a prompt chunk's splits)
+
+
+def long_row_split_plan(context_lens_desc: np.ndarray, num_kv_heads: int,
+                        device: torch.device) -> tuple[int, int] | None:
+    """For an eager decode step of rows sorted longest first: ``(rows, splits)`` to split only the rows longer
+    than a fair share of the keys (``LONG_ROW_PROGRAMS_PER_SM`` programs per SM, at least ``LONG_ROW_MIN_KEYS``),
+    each into enough parts that none exceeds it, when the longest row is over twice the share; None when the
+    shape rule already splits every row (a small grid) or no row stands out."""
+    rows, num_sms = len(context_lens_desc), _num_sms(device)
+    if rows * num_kv_heads < ONE_SPLIT_PROGRAMS_PER_SM * num_sms:
+        return None
+    share = max(LONG_ROW_MIN_KEYS, int(context_lens_desc.sum()) * num_kv_heads // (LONG_ROW_PROGRAMS_PER_SM * num_sms))
+    longest = int(context_lens_desc[0])
+    if longest <= 2 * share:
+        return None
+    return int((context_lens_desc > share).sum()), min(triton.cdiv(longest, share), 64)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 caches get exact fp32 products; tf32 would cost ~1e-3 relative error.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -438,8 +481,8 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            shared_blocks: torch.Tensor | None = None, *,
-                           order: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                           config: DecodeConfig | None = None) -> torch.Tensor:
+                           order: torch.Tensor | None = None, split_plan: tuple[int, int] | None = None,
+                           out: torch.Tensor | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: ``q [B, num_heads, head_dim]``.
 
     ``block_tables [B, max_blocks]`` and ``context_lens [B]`` are int32 (int64 works too) device
@@ -450,16 +493,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     attention), and 0 means none. ``order`` (``[B]`` integers on the device, a permutation of the
     rows), if given, is the order the rows' programs start in: longest context first balances the
     SMs (``engine.model_runner.longest_first``); the result does not depend on it. Launch sizes depend on shapes
-    only, so the call is CUDA-graph capturable. ``out`` (same shape as q, last dim contiguous) is
-    written if given.
+    only, so the call is CUDA-graph capturable. ``split_plan`` ``(rows, splits)`` (with ``order``, an eager step's
+    :func:`long_row_split_plan`) splits only the first ``rows`` rows of ``order`` (the longest), each into
+    ``splits`` parts, instead of every row into the count the shapes give. ``out`` (same shape as q, last dim
+    contiguous) is written if given.
     """
     group = _check_cache(q, k_cache, v_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     config = config or _default_decode_config(q.dtype, head_dim)
     max_context = block_tables.shape[1] * block_size
-    num_splits = config.num_splits or decode_num_splits(
-        batch, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
+    if split_plan is not None:
+        assert order is not None, "a split plan splits the first rows of the order"
+        split_rows, num_splits = split_plan  # (partials are kept for every row: their count bounds the splits)
+        num_splits = min(num_splits, max(2, PARTIAL_BYTES // (batch * num_heads * head_dim * 4)))
+    else:
+        split_rows, num_splits = batch, config.num_splits or decode_num_splits(
+            batch, num_kv_heads, max_context, config.block_n, _num_sms(q.device))
     row_tiles = triton.cdiv(batch * group, config.shared_block_m)
     prefix_splits = 0 if shared_blocks is None else decode_num_splits(  # (W3 measured with 2 per SM)
         row_tiles, num_kv_heads, max_context, config.block_n, _num_sms(q.device), programs_per_sm=2)
@@ -478,10 +528,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     shapes = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, DIM_P2=triton.next_power_of_2(head_dim),
                   BLOCK_SIZE=block_size, BLOCK_N=config.block_n)
     attention = dict(GROUP=group, DOT_PRECISION=_dot_precision(q.dtype), **shapes)
-    _decode_split_kernel[(num_kv_heads, num_splits, batch)](
-        q, k_cache, v_cache, block_tables, context_lens, shared, context_lens if order is None else order,
-        out, part_out, part_lse,
-        scale * _LOG2E, num_splits, slots, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+    order_arg = context_lens if order is None else order  # not read without HAS_ORDER
+    parts = split_rows * num_splits + batch - split_rows
+    _decode_split_kernel[(num_kv_heads, parts)](
+        q, k_cache, v_cache, block_tables, context_lens, shared, order_arg, out, part_out, part_lse,
+        scale * _LOG2E, split_rows, num_splits, slots, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HAS_SHARED=shared_blocks is not None, HAS_ORDER=order is not None, **attention,
@@ -493,9 +544,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             k_cache.stride(1), k_cache.stride(2), BLOCK_M=config.shared_block_m,
             **attention, num_warps=config.shared_num_warps, num_stages=config.num_stages)
     if slots > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, context_lens, shared, out, num_splits, prefix_splits, out.stride(0),
-            out.stride(1), HAS_SHARED=shared_blocks is not None,
+        _decode_reduce_kernel[(batch if shared_blocks is not None else split_rows, num_heads)](
+            part_out, part_lse, context_lens, shared, order_arg, out, split_rows, num_splits, prefix_splits,
+            out.stride(0), out.stride(1), HAS_SHARED=shared_blocks is not None, HAS_ORDER=order is not None,
             SLOTS_P2=max(16, triton.next_power_of_2(slots)), **shapes, num_warps=4)
     return out
 
@@ -506,7 +557,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 PREFILL_SPLIT_WAVES = 4
 PREFILL_MIN_SPLIT_KEYS = 1024
 PREFILL_MAX_SPLITS = 16
-PREFILL_PARTIAL_BYTES = 64 << 20  # the fp32 partials of one call at most
 
 
 def prefill_num_splits(programs: int, max_context: int, tokens: int, num_heads: int, head_dim: int,
@@ -514,12 +564,12 @@ def prefill_num_splits(programs: int, max_context: int, tokens: int, num_heads: 
     """Key splits for a prefill grid of ``programs`` (query tiles x KV heads) whose longest context is
     ``max_context``: one when the grid fills two waves or the context is short, else enough for
     ``PREFILL_SPLIT_WAVES`` waves, each split at least ``PREFILL_MIN_SPLIT_KEYS`` keys, the partials of
-    ``tokens`` query tokens within ``PREFILL_PARTIAL_BYTES``."""
+    ``tokens`` query tokens within ``PARTIAL_BYTES``."""
     if programs >= 2 * num_sms:
         return 1
     wanted = triton.cdiv(PREFILL_SPLIT_WAVES * num_sms, programs)
     by_keys = max_context // PREFILL_MIN_SPLIT_KEYS
-    by_memory = PREFILL_PARTIAL_BYTES // max(1, tokens * num_heads * head_dim * 4)
+    by_memory = PARTIAL_BYTES // max(1, tokens * num_heads * head_dim * 4)
     return max(1, min(wanted, by_keys, by_memory, PREFILL_MAX_SPLITS))
 
 

@@ -72,7 +72,8 @@ class Attention(nn.Module):
                 logger.debug("Decode attention: k_cache=%s, v_cache=%s", list(self.k_cache.shape),
                              list(self.v_cache.shape))
             out = _decode(self.backend)(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
-                                        self.scale, ctx.shared_blocks, order=ctx.decode_order)
+                                        self.scale, ctx.shared_blocks, order=ctx.decode_order,
+                                        split_plan=ctx.decode_split_plan)
         if debug:
             logger.debug("Attention output: %s", list(out.shape))
         return out
@@ -97,7 +98,7 @@ class Attention(nn.Module):
         out, n = torch.empty(q.shape, dtype=q.dtype, device=q.device), ctx.num_decode_tokens
         if n:  # one-token rows would fill 1/BLOCK_M of the prefill kernel's query tiles, without splitting keys
             _decode(self.backend)(q[:n], self.k_cache, self.v_cache, ctx.block_tables[:n], ctx.context_lens[:n],
-                                  self.scale, order=ctx.decode_order, out=out[:n])
+                                  self.scale, order=ctx.decode_order, split_plan=ctx.decode_split_plan, out=out[:n])
         return prefill(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q[n:], ctx.context_lens[n:],
                        ctx.block_tables[n:], self.scale, ctx.max_seqlen_q, max_context=ctx.max_prompt_context,
                        out=out)
@@ -119,7 +120,8 @@ def _decode(backend: str):
     if backend == "flash-attn":
         from flash_attn import flash_attn_with_kvcache
 
-        def run(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks=None, order=None):
+        def run(q, k_cache, v_cache, block_tables, context_lens, scale, shared_blocks=None, order=None,
+                split_plan=None):
             out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=context_lens.int(),
                                           block_table=block_tables.int(), softmax_scale=scale, causal=True)
             return out.squeeze(1)
