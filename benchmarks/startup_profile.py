@@ -1,10 +1,12 @@
 """Where an engine's start-up goes, as a job's actor sees it (CUDA): this fresh process imports torch, initialises
-CUDA, imports the engine and builds ``LLM`` (its slowest calls listed by cProfile); then it runs W5's rows and lists
+CUDA, imports the engine and builds ``LLM`` (its slowest calls listed by cProfile); then it runs W5's rows (or W6's,
+at W6's ``max_model_len``) and lists
 every Triton kernel variant first used during start-up and during the run, with the time it took to compile or
 load. Run it with an empty ``TRITON_CACHE_DIR`` to see what a fresh machine compiles, and again to see it warm:
 
     TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/startup_profile.py [--model-dir /tmp/qwen3-0.6b-random]
     python benchmarks/startup_profile.py [--rows 2048] [--top 30]   # --top 0: LLM(...) timed without cProfile
+    python benchmarks/startup_profile.py --workload W6 --top 0      # the variants W6's long prompts first use
 """
 import time
 
@@ -79,7 +81,8 @@ def specialization(arg_names: list[str], compile: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-random")
-    ap.add_argument("--rows", type=int, default=2048, help="W5 rows to run after start-up (0: none)")
+    ap.add_argument("--workload", choices=("W5", "W6"), default="W5", help="the rows to run after start-up")
+    ap.add_argument("--rows", type=int, default=2048, help="the workload's first rows to run (0: none)")
     ap.add_argument("--top", type=int, default=30, help="cProfile rows to print (by cumulative time; 0: no profile)")
     args = ap.parse_args()
     marks = [("interpreter and argparse", time.perf_counter() - T0)]
@@ -97,13 +100,14 @@ def main() -> None:
     import transformers  # noqa: F401
     mark("import transformers")
     from benchmarks.throughput import as_engine, build_checkpoint
-    from benchmarks.workloads import w5
+    from benchmarks.workloads import W6_MAX_MODEL_LEN, w5, w6
     from engine import LLM
     mark("import engine and benchmarks")
     path = build_checkpoint(args.model_dir)
     mark("checkpoint (built if missing)")
     profile = cProfile.Profile() if args.top else None
-    llm = profile.runcall(LLM, path, max_model_len=4096) if profile else LLM(path, max_model_len=4096)
+    max_model_len = W6_MAX_MODEL_LEN if args.workload == "W6" else 4096
+    llm = profile.runcall(LLM, path, max_model_len=max_model_len) if profile else LLM(path, max_model_len=max_model_len)
     mark("LLM(...)" + (" under cProfile" if profile else ""))
     for name, seconds in marks:
         print(f"{name:32s} {seconds:6.2f} s")
@@ -111,12 +115,13 @@ def main() -> None:
     if profile:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
     if args.rows:
-        uses.phase = f"W5 ({args.rows} rows)"
-        prompts, params = as_engine(w5(args.rows))
+        requests = w6()[:args.rows] if args.workload == "W6" else w5(args.rows)
+        uses.phase = f"{args.workload} ({len(requests)} rows)"
+        prompts, params = as_engine(requests)
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
-        print(f"W5 {args.rows} rows: {sum(len(o['token_ids']) for o in outs)} tokens in {wall:.1f} s")
+        print(f"{uses.phase}: {sum(len(o['token_ids']) for o in outs)} tokens in {wall:.1f} s")
     uses.report()
 
 

@@ -10,6 +10,10 @@
 * OUT (output options): the decode step time of 256 rows under a JSON schema, and with ``logprobs=5``, against the
   same 256 rows unconstrained (same weights, a byte-level vocabulary so that grammars have text to work with).
 
+W1, W5 and W6 also report ``host_events`` (``HostEvents``: the CUDA caching allocator's device allocations, frees and
+out-of-memory retries, and the garbage collector's collections and time), per timed run; with ``--steps-dir``, W6's
+step records carry them per step (cumulative), to tell what holds the host up in a slow step.
+
 ``--baseline vllm`` runs W1, W5 and W6 through vLLM too (``benchmarks/vllm_baseline.py``, in a subprocess) and the
 table shows both and the ratio: the same requests, measured in the same run of this script.
 
@@ -140,11 +144,47 @@ STEPS_DIR: str | None = None  # --steps-dir: each workload's step records of its
 ENGINE_ARGS: dict = {}        # --engine-arg: extra LLM arguments for W1, W5, W1-HF's engine run, W2, W3, W4 and LOG
 
 
-def dump_steps(name: str, records: list) -> None:
+def dump_steps(name: str, records: list, extra: dict[str, list] | None = None) -> None:
+    """Each workload's step records (and ``extra`` per-step columns) as JSON, with --steps-dir."""
     if STEPS_DIR and records:
         os.makedirs(STEPS_DIR, exist_ok=True)
         with open(os.path.join(STEPS_DIR, f"{name}.steps.json"), "w") as f:
-            json.dump({k: [getattr(r, k) for r in records] for k in records[0].to_dict()}, f)
+            json.dump({**{k: [getattr(r, k) for r in records] for k in records[0].to_dict()}, **(extra or {})}, f)
+
+
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+class HostEvents:
+    """What can hold the host up between two points of a run: the CUDA caching allocator's device allocations,
+    frees and out-of-memory retries (a retry synchronises the device before freeing its cache), and Python's
+    garbage collections with their time, by generation. ``sample()`` gives the totals so far."""
+
+    def __init__(self) -> None:
+        self.gc_count, self.gc_ms, self._gc_started = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+        self._allocator_start = self._allocator()
+        gc.callbacks.append(self._on_gc)
+
+    @staticmethod
+    def _allocator() -> dict:
+        stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+        return {k: stats.get(k, 0) for k in ALLOCATOR_COUNTERS}
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_count[info["generation"]] += 1
+            self.gc_ms[info["generation"]] += 1e3 * (time.perf_counter() - self._gc_started)
+
+    def sample(self) -> dict:
+        now = self._allocator()
+        return dict(**{k: now[k] - self._allocator_start[k] for k in ALLOCATOR_COUNTERS},
+                    gc_collections=list(self.gc_count), gc_ms=[round(ms, 3) for ms in self.gc_ms])
+
+    def close(self) -> dict:
+        gc.callbacks.remove(self._on_gc)
+        return self.sample()
 
 
 def step_mix(records: list) -> dict:
@@ -169,13 +209,15 @@ def engine_rate(llm: LLM, requests: list[Request], timed_runs: int = 3, name: st
     for run in range(2, 2 + timed_runs):
         records.clear()
         llm.add_step_callback(records.append)
+        events = HostEvents()
         wall, outs = timed_generate(llm, fresh(requests, run))
         llm.step_callbacks.remove(records.append)
-        runs.append(dict(wall_s=wall, generated_tokens=sum(len(o["token_ids"]) for o in outs)))
+        runs.append(dict(wall_s=wall, generated_tokens=sum(len(o["token_ids"]) for o in outs),
+                         host_events=events.close()))
     rates = sorted(r["generated_tokens"] / r["wall_s"] for r in runs)
     dump_steps(name, records)
     return dict(prompts=len(requests), generated_tokens=runs[0]["generated_tokens"], tok_per_s=rates[len(rates) // 2],
-                runs_tok_per_s=rates, step_mix=step_mix(records))
+                runs_tok_per_s=rates, step_mix=step_mix(records), host_events=[r["host_events"] for r in runs])
 
 
 def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
@@ -185,12 +227,15 @@ def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
     seqs = [llm.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
     short = {seq.seq_id for seq in seqs if seq.num_prompt_tokens <= 1024}
     last_seen: dict[int, float] = {}
-    gaps, tokens, records = [], 0, []
+    gaps, tokens, records, per_step = [], 0, [], []
+    events = HostEvents()
     start = time.perf_counter()
     while not llm.is_finished():
         out = llm.step()
         now = time.perf_counter()
         records.append(out.record)
+        if STEPS_DIR:
+            per_step.append(events.sample())
         for seq_id, new in out.new_tokens.items():
             tokens += len(new)
             if seq_id in short and new:
@@ -198,12 +243,13 @@ def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
                     gaps += [(now - last_seen[seq_id]) / len(new)] * len(new)
                 last_seen[seq_id] = now
     wall = time.perf_counter() - start
-    dump_steps(name, records)
+    host_events = events.close()
+    dump_steps(name, records, {k: [e[k] for e in per_step] for k in host_events} if per_step else None)
     gaps.sort()
     p50, p99 = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)]
     return dict(generated_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall, short_itl_p50_ms=1e3 * p50,
                 short_itl_p99_ms=1e3 * p99, p99_over_p50=p99 / p50, step_mix=step_mix(records),
-                preempted=sum(r.num_preempted for r in records))
+                preempted=sum(r.num_preempted for r in records), host_events=host_events)
 
 
 class Results(dict):

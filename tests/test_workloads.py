@@ -31,3 +31,29 @@ def test_fresh_keeps_lengths_and_settings_but_not_ids():
     assert [len(p) for p, _ in again] == [len(p) for p, _ in requests]
     assert [kw for _, kw in again] == [kw for _, kw in requests]
     assert all(a != b for (a, _), (b, _) in zip(again, requests))
+
+
+def test_host_events_count_collections_and_reach_the_step_records(tmp_path, monkeypatch):
+    import gc
+    import json
+
+    from benchmarks import throughput
+    from engine import LLM
+
+    events = throughput.HostEvents()
+    gc.collect(2)
+    gc.collect(0)
+    totals = events.close()
+    assert totals["gc_collections"][2] >= 1 and totals["gc_collections"][0] >= 1 and totals["gc_ms"][2] > 0
+    assert set(throughput.ALLOCATOR_COUNTERS) <= set(totals)
+    gc.collect(2)
+    assert events.sample()["gc_collections"] == totals["gc_collections"]  # closed: no longer counting
+
+    monkeypatch.setattr(throughput, "STEPS_DIR", str(tmp_path))
+    llm = LLM("demo-random", max_model_len=256)
+    records = []
+    llm.add_step_callback(records.append)
+    llm.generate([[5, 6, 7]], throughput.SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    throughput.dump_steps("X", records, {"gc_ms": [[0.0, 0.0, 0.0]] * len(records)})
+    saved = json.loads((tmp_path / "X.steps.json").read_text())
+    assert len(saved["step_time_s"]) == len(records) == len(saved["gc_ms"]) == 3
