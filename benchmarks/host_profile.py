@@ -4,6 +4,13 @@ synchronised: the device runs on meanwhile) and of the time spent waiting for sa
 near zero is bound by the host.
 
     python benchmarks/host_profile.py [--model-dir /tmp/qwen3-0.6b-random] [--runs 3] [--fill-threads auto,4,15]
+    python benchmarks/host_profile.py --workload W6 [--slow-ms 28]
+
+``--workload W6`` runs W6 (after the benchmark's warm-up) with the same timers read every step, and with the
+staging rings' uploads and downloads and ``throughput.HostEvents`` (device allocations, frees, allocator retries,
+garbage collection): it prints, for the steps with prompt tokens beside decode rows, the phases of the slow ones
+(no wait for the device, over ``--slow-ms``) against the median of the others. A step's phases are those of its
+``step()`` call, which launches the next batch before it completes this one.
 
 Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``forward`` includes
 ``_prepare_decode`` and ``_forward``, the graph replay; ``_sample_deferred`` includes ``_prepare_sampling``, which
@@ -14,19 +21,22 @@ import argparse
 import collections
 import os
 import random
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.throughput import OUT_SCHEMA, TOKEN_RANGE, build_checkpoint, text_checkpoint  # noqa: E402
+from benchmarks.throughput import (OUT_SCHEMA, TOKEN_RANGE, HostEvents, as_engine, build_checkpoint,  # noqa: E402
+                                   text_checkpoint, timed_generate)
+from benchmarks.workloads import W6_MAX_MODEL_LEN, fresh, w6  # noqa: E402
 from engine import LLM, SamplingParams, structured  # noqa: E402
 from engine.model_runner import SampledTokens  # noqa: E402
 
 PHASES = {"engine": ("_launch_ahead", "_sample_deferred", "_advance_grammars", "_admit_compiled", "_record_logprobs",
                      "_apply_stop_strings"),
           "scheduler": ("schedule", "postprocess"),
-          "runner": ("forward", "launch", "_prepare_decode", "_forward", "_sample", "_prepare_sampling",
-                     "_sampling_settings", "_grammar_bitmask")}
+          "runner": ("forward", "launch", "_prepare_decode", "_prepare_prefill", "_forward", "_sample",
+                     "_prepare_sampling", "_sampling_settings", "_grammar_bitmask")}
 
 
 def timed(totals: dict, name: str, fn):
@@ -47,15 +57,58 @@ def instrument(llm: LLM, totals: dict) -> None:
     SampledTokens.tolist = timed(totals, "wait_for_tokens", SampledTokens.tolist)
 
 
+def w6_slow_steps(model_dir: str, slow_ms: float) -> None:
+    """W6's steps with prompt tokens beside decode rows: the host phases of the slow ones against the others'."""
+    llm = LLM(build_checkpoint(model_dir), max_model_len=W6_MAX_MODEL_LEN)
+    timed_generate(llm, fresh(w6()[28:40], 90))  # the benchmark's warm-up
+    totals: dict[str, float] = collections.defaultdict(float)
+    instrument(llm, totals)
+    runner = llm.model_runner
+    if hasattr(runner, "uploads"):  # (CUDA)
+        runner.uploads.upload = timed(totals, "upload", runner.uploads.upload)
+        runner.downloads.download = timed(totals, "download", runner.downloads.download)
+    for i, (prompt, params) in enumerate(zip(*as_engine(fresh(w6(), 1)))):
+        llm.add_request(prompt, params, i)
+    events, steps = HostEvents(), []
+    while not llm.is_finished():
+        totals.clear()
+        before = events.sample()
+        record = llm.step().record
+        after = events.sample()
+        host = {k: after[k] - before[k] for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+        host["gc_ms"] = round(sum(after["gc_ms"]) - sum(before["gc_ms"]), 2)
+        steps.append((record, {k: 1e3 * v for k, v in totals.items()}, host))
+    events.close()
+    mixed = [s for s in steps if s[0].num_prefill_tokens and s[0].num_decode_seqs]
+    slow = [s for s in mixed if s[0].wait_time_s < 1e-3 and 1e3 * s[0].step_time_s > slow_ms]
+    others = [s for s in mixed if s not in slow]
+    names = sorted({k for s in mixed for k in s[1]}, key=lambda k: -sum(s[1].get(k, 0.0) for s in mixed))
+    print(f"W6: {len(steps)} steps, {len(mixed)} with prompt tokens beside decode rows, {len(slow)} of them slow")
+    if others:
+        print("others, median ms: " + ", ".join(f"{k} {statistics.median(s[1].get(k, 0.0) for s in others):.2f}"
+                                               for k in names))
+    for record, phases, host in slow:
+        print(f"step {record.step}: {1e3 * record.step_time_s:.1f} ms, {record.num_decode_seqs} decode rows, "
+              f"{record.num_prefill_tokens} prompt tokens; "
+              + ", ".join(f"{k} {phases[k]:.2f}" for k in names if phases.get(k, 0.0) >= 0.05) + f"; {host}")
+    llm.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default="/tmp/qwen3-0.6b-random")
+    ap.add_argument("--workload", choices=("rows", "W6"), default="rows",
+                    help="rows: --rows rows plain and under a JSON schema; W6: its slow mixed steps")
+    ap.add_argument("--slow-ms", type=float, default=28.0, help="W6: a step without waiting longer than this is slow")
     ap.add_argument("--runs", type=int, default=2, help="runs of each variant after a warm-up of each")
     ap.add_argument("--fill-threads", default="auto", help="comma-separated xgrammar fill threads to compare")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=256, help="prompt and output tokens of each row")
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable", flush=True)
+    if args.workload == "W6":
+        w6_slow_steps(args.model_dir, args.slow_ms)
+        return
     llm = LLM(text_checkpoint(build_checkpoint(args.model_dir)), max_model_len=4096)
     totals: dict[str, float] = collections.defaultdict(float)
     instrument(llm, totals)

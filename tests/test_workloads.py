@@ -57,3 +57,25 @@ def test_host_events_count_collections_and_reach_the_step_records(tmp_path, monk
     throughput.dump_steps("X", records, {"gc_ms": [[0.0, 0.0, 0.0]] * len(records)})
     saved = json.loads((tmp_path / "X.steps.json").read_text())
     assert len(saved["step_time_s"]) == len(records) == len(saved["gc_ms"]) == 3
+
+
+def test_host_profile_w6_lists_the_phases_of_slow_mixed_steps(monkeypatch, capsys):
+    """benchmarks/host_profile.py --workload W6 on a small stand-in for W6 (demo-random, 300-token prompts, a
+    512-token budget so that prompts are admitted beside decode rows), every mixed step counted as slow."""
+    from benchmarks import host_profile
+    from engine import LLM
+
+    small = [([t % 400 for t in p[:300]], dict(sp, max_tokens=min(sp["max_tokens"], 12))) for p, sp in w6()[:40]]
+    monkeypatch.setattr(host_profile, "w6", lambda: small)
+    monkeypatch.setattr(host_profile, "fresh", lambda requests, run: requests)
+    monkeypatch.setattr(host_profile, "build_checkpoint", lambda model_dir: "demo-random")
+    monkeypatch.setattr(host_profile, "W6_MAX_MODEL_LEN", 1024)
+    monkeypatch.setattr(host_profile, "LLM", lambda path, max_model_len: LLM(
+        path, max_model_len=max_model_len, max_num_batched_tokens=512))
+    host_profile.w6_slow_steps("unused", slow_ms=0.0)
+    lines = capsys.readouterr().out.splitlines()
+    mixed = int(lines[0].split(", ")[1].split()[0])
+    slow = [line for line in lines if line.startswith("step ")]
+    assert mixed > 5 and len(slow) == mixed
+    assert all("_launch_ahead" in line and "num_device_alloc" in line for line in slow)
+    assert any("_prepare_prefill" in line for line in slow)
