@@ -11,8 +11,8 @@
   same 256 rows unconstrained (same weights, a byte-level vocabulary so that grammars have text to work with).
 
 W1, W5 and W6 also report ``host_events`` (``HostEvents``: the CUDA caching allocator's device allocations, frees and
-out-of-memory retries, and the garbage collector's collections and time), per timed run; with ``--steps-dir``, W6's
-step records carry them per step (cumulative), to tell what holds the host up in a slow step.
+out-of-memory retries, and the garbage collector's collections and time), per timed run
+(``benchmarks/host_profile.py --workload W6`` reads them every step).
 
 ``--baseline vllm`` runs W1, W5 and W6 through vLLM too (``benchmarks/vllm_baseline.py``, in a subprocess) and the
 table shows both and the ratio: the same requests, measured in the same run of this script.
@@ -144,12 +144,11 @@ STEPS_DIR: str | None = None  # --steps-dir: each workload's step records of its
 ENGINE_ARGS: dict = {}        # --engine-arg: extra LLM arguments for W1, W5, W1-HF's engine run, W2, W3, W4 and LOG
 
 
-def dump_steps(name: str, records: list, extra: dict[str, list] | None = None) -> None:
-    """Each workload's step records (and ``extra`` per-step columns) as JSON, with --steps-dir."""
+def dump_steps(name: str, records: list) -> None:
     if STEPS_DIR and records:
         os.makedirs(STEPS_DIR, exist_ok=True)
         with open(os.path.join(STEPS_DIR, f"{name}.steps.json"), "w") as f:
-            json.dump({**{k: [getattr(r, k) for r in records] for k in records[0].to_dict()}, **(extra or {})}, f)
+            json.dump({k: [getattr(r, k) for r in records] for k in records[0].to_dict()}, f)
 
 
 ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
@@ -227,15 +226,13 @@ def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
     seqs = [llm.add_request(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, params))]
     short = {seq.seq_id for seq in seqs if seq.num_prompt_tokens <= 1024}
     last_seen: dict[int, float] = {}
-    gaps, tokens, records, per_step = [], 0, [], []
+    gaps, tokens, records = [], 0, []
     events = HostEvents()
     start = time.perf_counter()
     while not llm.is_finished():
         out = llm.step()
         now = time.perf_counter()
         records.append(out.record)
-        if STEPS_DIR:
-            per_step.append(events.sample())
         for seq_id, new in out.new_tokens.items():
             tokens += len(new)
             if seq_id in short and new:
@@ -244,7 +241,7 @@ def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
                 last_seen[seq_id] = now
     wall = time.perf_counter() - start
     host_events = events.close()
-    dump_steps(name, records, {k: [e[k] for e in per_step] for k in host_events} if per_step else None)
+    dump_steps(name, records)
     gaps.sort()
     p50, p99 = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)]
     return dict(generated_tokens=tokens, wall_s=wall, tok_per_s=tokens / wall, short_itl_p50_ms=1e3 * p50,
