@@ -26,8 +26,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.throughput import (OUT_SCHEMA, TOKEN_RANGE, HostEvents, as_engine, build_checkpoint,  # noqa: E402
-                                   text_checkpoint, timed_generate)
+from benchmarks.throughput import (ALLOCATOR_COUNTERS, OUT_SCHEMA, TOKEN_RANGE, HostEvents, as_engine,  # noqa: E402
+                                   build_checkpoint, text_checkpoint, timed_generate)
 from benchmarks.workloads import W6_MAX_MODEL_LEN, fresh, w6  # noqa: E402
 from engine import LLM, SamplingParams, structured  # noqa: E402
 from engine.model_runner import SampledTokens  # noqa: E402
@@ -75,7 +75,7 @@ def w6_slow_steps(model_dir: str, slow_ms: float) -> None:
         before = events.sample()
         record = llm.step().record
         after = events.sample()
-        host = {k: after[k] - before[k] for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+        host = {k: after[k] - before[k] for k in ALLOCATOR_COUNTERS}
         host["gc_ms"] = round(sum(after["gc_ms"]) - sum(before["gc_ms"]), 2)
         steps.append((record, {k: 1e3 * v for k, v in totals.items()}, host))
     events.close()
