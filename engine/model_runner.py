@@ -307,7 +307,10 @@ class ModelRunner:
         return ids_d, positions_d
 
     def _prepare_decode(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs of a decode-only batch (one token per row), in one host-to-device copy."""
+        """Inputs of a decode-only batch (one token per row), in two host-to-device copies: the token inputs in
+        int64, the attention's lengths, tables and row order in int32, the types of the decode graphs' buffers and
+        of the mixed steps' uploads, so that an eager decode step (a split plan, ``enforce_eager``) launches the
+        kernel variants compiled at start-up rather than compiling int64 ones mid-run."""
         n = batch.num_rows
         positions = np.array(batch.num_computed_tokens, dtype=np.int64)
         tables, lengths = block_table_array(batch.block_tables)
@@ -317,8 +320,9 @@ class ModelRunner:
         shared = np.array([shared_prefix_blocks(tables, lengths) if self._cascade(n) else 0])
         pending = self._pending_inputs(batch, input_ids, np.arange(n))
         order = longest_first(positions)
-        ids_d, positions_d, slots_d, context_d, tables_d, shared_d, order_d, *pending_d = self._upload(
-            input_ids, positions, slot_mapping, positions + 1, tables, shared, order, *pending)
+        ids_d, positions_d, slots_d, shared_d, *pending_d = self._upload(input_ids, positions, slot_mapping, shared,
+                                                                         *pending)
+        context_d, tables_d, order_d = self._upload(positions + 1, tables, order, dtype=np.int32)
         self._feed_pending(ids_d, *pending_d)
         set_context(is_prefill=False, slot_mapping=slots_d, context_lens=context_d, block_tables=tables_d,
                     shared_blocks=shared_d if shared[0] else None, decode_order=order_d,

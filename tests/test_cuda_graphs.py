@@ -49,13 +49,19 @@ def install_graphs(llm: LLM, token_sizes: list[int]):
     return runner
 
 
-def recording(graphs, replays: list):
+def recording(graphs, replays: list, decode: DecodeGraphs):
     """``graphs.replay`` that records ``(rows, padded size)`` and checks that padding rows write no KV cache slot
     and, in decode graphs, that the attention's row order lists the real rows longest first, then the padding rows
-    (a permutation of the padded batch whichever sizes ran before)."""
+    (a permutation of the padded batch whichever sizes ran before). Every step's attention lengths, tables and row
+    order come in the decode graphs' buffer types, so that an eager step (the pieces' attention, a split plan)
+    launches the Triton variants the captures compiled instead of compiling others mid-run (~1 s each on a cold
+    Triton cache)."""
     replay = graphs.replay
 
     def run(input_ids, positions, size):
+        ctx = context.get_context()
+        assert (ctx.context_lens.dtype, ctx.block_tables.dtype, ctx.decode_order.dtype) == (
+            decode.context_lens.dtype, decode.block_tables.dtype, decode.order.dtype)
         out = replay(input_ids, positions, size)
         n = len(input_ids)
         replays.append((n, size))
@@ -97,7 +103,7 @@ def test_graph_replays_match_hf(tiny_models, llama_9_heads, odd_shapes, model, a
     runner = install_graphs(llm, [24, BUDGET])
     replays = {"decode": [], "pieces": []}
     for kind, graphs in (("decode", runner.decode_graphs), ("pieces", runner.piecewise_graphs)):
-        monkeypatch.setattr(graphs, "replay", recording(graphs, replays[kind]))
+        monkeypatch.setattr(graphs, "replay", recording(graphs, replays[kind], runner.decode_graphs))
     shared = random_prompts(512, (40,), seed=3)[0]
     prompts = random_prompts(512, (5, 90, 17, 3, 61, 2)) + random_prompts(512, (9, 30), seed=4, prefix=shared)
     outs, records = generate(path, prompts, max_new=10, llm=llm)

@@ -241,10 +241,14 @@ def test_long_context_chunks_split_keys_fp32_equal_hf(tmp_path, monkeypatch):
 def test_long_rows_among_short_split_fp32_equal_hf(tmp_path, monkeypatch):
     """One 3,000-token row decoding among 180 short ones: its keys are split (the step's plan; decode-only steps
     with a plan replay the piecewise graphs around their eager attention), the short rows' are not; in fp32 greedy
-    equals HF on the long row and eight short ones (a difference only at an fp32 tie closer than 1e-3)."""
+    equals HF on the long row and eight short ones (a difference only at an fp32 tie closer than 1e-3). The eager
+    decode steps launch no kernel variant for the first time (W6's first such step took 845 ms on a cold Triton
+    cache when their lengths and tables were uploaded in int64, 2026-12-05)."""
+    from triton import knobs
+
     from engine.context import get_context
     from engine.kernels import triton_attention
-    plans = []
+    plans, first_uses = [], []
     decode = triton_attention.paged_decode_attention
 
     def spy(*args, split_plan=None, **kwargs):
@@ -257,11 +261,15 @@ def test_long_rows_among_short_split_fp32_equal_hf(tmp_path, monkeypatch):
     rng = random.Random(10)
     prompts = [[rng.randrange(3, case.vocab) for _ in range(n)] for n in [3000] + [rng.randint(5, 40) for _ in range(180)]]
     llm = LLM(path, dtype="float32", max_model_len=4096, gpu_memory_utilization=0.25)
+    previous = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda *, fn, **_: first_uses.append(fn.name)
     try:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True), use_tqdm=False)
     finally:
+        knobs.runtime.jit_post_compile_hook = previous
         llm.shutdown()
     assert ((1, 3), False) in plans, f"no decode-only step split the long row alone: {set(plans)}"
+    assert not first_uses, f"kernel variants first used mid-run: {first_uses}"
     from transformers import AutoModelForCausalLM
     hf32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     checked = prompts[:9]
