@@ -309,8 +309,8 @@ class ModelRunner:
     def _prepare_decode(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs of a decode-only batch (one token per row), in two host-to-device copies: the token inputs in
         int64, the attention's lengths, tables and row order in int32, the types of the decode graphs' buffers and
-        of the mixed steps' uploads, so that an eager decode step (a split plan, ``enforce_eager``) launches the
-        kernel variants compiled at start-up rather than compiling int64 ones mid-run."""
+        of the mixed steps' uploads: eager decode attention (a split plan) launches the kernel variants the graph
+        captures compiled instead of int64 ones first met mid-run."""
         n = batch.num_rows
         positions = np.array(batch.num_computed_tokens, dtype=np.int64)
         tables, lengths = block_table_array(batch.block_tables)
