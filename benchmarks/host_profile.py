@@ -8,9 +8,10 @@ near zero is bound by the host.
 
 ``--workload W6`` runs W6 (after the benchmark's warm-up) with the same timers read every step, and with the
 staging rings' uploads and downloads and ``throughput.HostEvents`` (device allocations, frees, allocator retries,
-garbage collection): it prints, for the steps with prompt tokens beside decode rows, the phases of the slow ones
-(no wait for the device, over ``--slow-ms``) against the median of the others. A step's phases are those of its
-``step()`` call, which launches the next batch before it completes this one.
+garbage collection), and each step's time on the device (``DeviceTimes``): it prints, for the steps with prompt
+tokens beside decode rows, the phases of the slow ones (no wait for the device, over ``--slow-ms``) against the
+median of the others. A step's phases are those of its ``step()`` call, which launches the next batch before it
+completes this one; its device times are those of the batch it completes.
 
 Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``forward`` includes
 ``_prepare_decode`` and ``_forward``, the graph replay; ``_sample_deferred`` includes ``_prepare_sampling``, which
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 
+import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.throughput import (ALLOCATOR_COUNTERS, OUT_SCHEMA, TOKEN_RANGE, HostEvents, as_engine,  # noqa: E402
                                    build_checkpoint, text_checkpoint, timed_generate)
@@ -57,6 +59,50 @@ def instrument(llm: LLM, totals: dict) -> None:
     SampledTokens.tolist = timed(totals, "wait_for_tokens", SampledTokens.tolist)
 
 
+class DeviceTimes:
+    """Each step's time on the device, from CUDA events queued before its forward pass and after its sampling:
+    ``busy`` from its first kernel to its last (idle gaps inside it included), ``idle`` the device's wait for it
+    after the step before it ended. Read against the host's step time, they tell a step the host holds (the device
+    idles) from one whose host time is spent blocked on the device (the device busy throughout)."""
+
+    def __init__(self, llm: LLM):
+        self.marks: dict[int, list] = {}  # id(batch) -> [batch (kept alive: ids stay unique), start, end]
+        self.order: list[int] = []
+        runner, engine = llm.model_runner, llm
+        forward, sample, record = runner.forward, runner._sample, engine._record
+
+        def mark(batch, i: int) -> None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.setdefault(id(batch), [batch, None, None])[1 + i] = event
+
+        def timed_forward(batch):
+            mark(batch, 0)
+            return forward(batch)
+
+        def timed_sample(batch, *args):
+            out = sample(batch, *args)
+            mark(batch, 1)
+            return out
+
+        def in_order(batch, *args):
+            self.order.append(id(batch))
+            return record(batch, *args)
+        runner.forward, runner._sample, engine._record = timed_forward, timed_sample, in_order
+
+    def read(self) -> list[tuple[float, float]]:
+        """(busy ms, idle ms before it) per completed step, in the engine's step order."""
+        torch.cuda.synchronize()
+        out, previous_end = [], None
+        for key in self.order:
+            _, start, end = self.marks[key]
+            busy = start.elapsed_time(end) if start and end else float("nan")
+            idle = previous_end.elapsed_time(start) if previous_end and start else float("nan")
+            out.append((busy, idle))
+            previous_end = end or previous_end
+        return out
+
+
 def w6_slow_steps(model_dir: str, slow_ms: float) -> None:
     """W6's steps with prompt tokens beside decode rows: the host phases of the slow ones against the others'."""
     llm = LLM(build_checkpoint(model_dir), max_model_len=W6_MAX_MODEL_LEN)
@@ -69,6 +115,7 @@ def w6_slow_steps(model_dir: str, slow_ms: float) -> None:
         runner.downloads.download = timed(totals, "download", runner.downloads.download)
     for i, (prompt, params) in enumerate(zip(*as_engine(fresh(w6(), 1)))):
         llm.add_request(prompt, params, i)
+    device_times = DeviceTimes(llm) if torch.cuda.is_available() else None
     events, steps = HostEvents(), []
     while not llm.is_finished():
         totals.clear()
@@ -79,6 +126,8 @@ def w6_slow_steps(model_dir: str, slow_ms: float) -> None:
         host["gc_ms"] = round(sum(after["gc_ms"]) - sum(before["gc_ms"]), 2)
         steps.append((record, {k: 1e3 * v for k, v in totals.items()}, host))
     events.close()
+    for (_, phases, _), (busy, idle) in zip(steps, device_times.read() if device_times else []):
+        phases["device_busy"], phases["device_idle_before"] = busy, idle
     mixed = [s for s in steps if s[0].num_prefill_tokens and s[0].num_decode_seqs]
     slow = [s for s in mixed if s[0].wait_time_s < 1e-3 and 1e3 * s[0].step_time_s > slow_ms]
     others = [s for s in mixed if s not in slow]

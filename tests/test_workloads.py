@@ -1,4 +1,8 @@
 """The benchmark workloads are fixed data: the same work in every run and for every engine compared."""
+import time
+
+import torch
+
 from benchmarks.workloads import TOKEN_RANGE, W6_MAX_MODEL_LEN, fresh, w1, w1_hf, w5, w6
 
 
@@ -59,7 +63,20 @@ def test_host_profile_w6_lists_the_phases_of_slow_mixed_steps(monkeypatch, capsy
     monkeypatch.setattr(host_profile, "build_checkpoint", lambda model_dir: "demo-random")
     monkeypatch.setattr(host_profile, "W6_MAX_MODEL_LEN", 1024)
     monkeypatch.setattr(host_profile, "LLM", lambda path, max_model_len: LLM(
-        path, max_model_len=max_model_len, max_num_batched_tokens=512))
+        path, device="cpu", max_model_len=max_model_len, max_num_batched_tokens=512))
+
+    class HostClockEvent:  # DeviceTimes' CUDA events, timed on the host
+        def __init__(self, enable_timing: bool = False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end) -> float:
+            return 1e3 * (end.t - self.t)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", HostClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     host_profile.w6_slow_steps("unused", slow_ms=0.0)
     lines = capsys.readouterr().out.splitlines()
     mixed = int(lines[0].split(", ")[1].split()[0])
@@ -67,3 +84,4 @@ def test_host_profile_w6_lists_the_phases_of_slow_mixed_steps(monkeypatch, capsy
     assert mixed > 5 and len(slow) == mixed
     assert all("_launch_ahead" in line and "num_device_alloc" in line for line in slow)
     assert any("_prepare_prefill" in line for line in slow)
+    assert all("device_busy" in line for line in slow)  # each completed batch's own start and end events
