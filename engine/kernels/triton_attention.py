@@ -128,13 +128,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr
     it is the only one with work; otherwise a normalised partial output and its log2-sum-exp into
     slot ``split`` of ``num_slots``."""
     kv_head = tl.program_id(0)
-    seq, split, row_splits = _decode_part(tl.program_id(1), split_rows, num_splits)
-    if HAS_ORDER:
-        seq = tl.load(order_ptr + seq)
-    context_len = tl.load(context_lens_ptr + seq)
-    shared_len = 0
-    if HAS_SHARED:
-        shared_len = tl.minimum(tl.load(shared_blocks_ptr) * BLOCK_SIZE, context_len)
+    rank, split, row_splits = _decode_part(tl.program_id(1), split_rows, num_splits)
+    seq, context_len, shared_len = _decode_row(rank, order_ptr, context_lens_ptr, shared_blocks_ptr,
+                                               BLOCK_SIZE, HAS_SHARED, HAS_ORDER)
     own_len = context_len - shared_len
     split_len = tl.cdiv(tl.cdiv(own_len, row_splits), BLOCK_N) * BLOCK_N
     start = shared_len + split * split_len
@@ -170,6 +166,21 @@ def _decode_part(part, split_rows, num_splits):
     is_split = part < long_parts
     rank = tl.where(is_split, part // num_splits, split_rows + part - long_parts)
     return rank, tl.where(is_split, part % num_splits, 0), tl.where(is_split, num_splits, 1)
+
+
+@triton.jit
+def _decode_row(rank, order_ptr, context_lens_ptr, shared_blocks_ptr, BLOCK_SIZE: tl.constexpr,
+                HAS_SHARED: tl.constexpr, HAS_ORDER: tl.constexpr):
+    """The row that decode rank ``rank`` serves (``order[rank]`` with HAS_ORDER), its context length and how much
+    of it lies in the batch's shared prefix blocks (HAS_SHARED; else 0)."""
+    seq = rank
+    if HAS_ORDER:
+        seq = tl.load(order_ptr + rank)
+    context_len = tl.load(context_lens_ptr + seq)
+    shared_len = 0
+    if HAS_SHARED:
+        shared_len = tl.minimum(tl.load(shared_blocks_ptr) * BLOCK_SIZE, context_len)
+    return seq, context_len, shared_len
 
 
 @triton.jit
@@ -241,13 +252,8 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, context_lens_ptr, shared_b
     rank = tl.program_id(0)
     head = tl.program_id(1)
     row_splits = tl.where(rank < split_rows, num_splits, 1)
-    seq = rank
-    if HAS_ORDER:
-        seq = tl.load(order_ptr + rank)
-    context_len = tl.load(context_lens_ptr + seq)
-    shared_len = 0
-    if HAS_SHARED:
-        shared_len = tl.minimum(tl.load(shared_blocks_ptr) * BLOCK_SIZE, context_len)
+    seq, context_len, shared_len = _decode_row(rank, order_ptr, context_lens_ptr, shared_blocks_ptr,
+                                               BLOCK_SIZE, HAS_SHARED, HAS_ORDER)
     if _writes_output(row_splits, shared_len, HAS_SHARED):
         return
     own_len = context_len - shared_len
