@@ -7,10 +7,10 @@ near zero is bound by the host.
     python benchmarks/host_profile.py --workload W6 [--slow-ms 28]
 
 ``--workload W6`` runs W6 (after the benchmark's warm-up) with the same timers read every step, and with the
-staging rings' uploads and downloads and ``throughput.HostEvents`` (device allocations, frees, allocator retries,
-garbage collection), and each step's time on the device (``DeviceTimes``): it prints, for the steps with prompt
-tokens beside decode rows, the phases of the slow ones (no wait for the device, over ``--slow-ms``) against the
-median of the others. A step's phases are those of its ``step()`` call, which launches the next batch before it
+staging rings' uploads and downloads, ``throughput.HostEvents`` (device allocations, frees, allocator retries,
+Triton kernel loads, garbage collection) and each step's time on the device (``DeviceTimes``): it prints, for the
+steps with prompt tokens beside decode rows, the phases of the slow ones (no wait for the device, over
+``--slow-ms``) against the median of the others. A step's phases are those of its ``step()`` call, which launches the next batch before it
 completes this one; its device times are those of the batch it completes.
 
 Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``forward`` includes
@@ -117,15 +117,18 @@ def w6_slow_steps(model_dir: str, slow_ms: float) -> None:
         llm.add_request(prompt, params, i)
     device_times = DeviceTimes(llm) if torch.cuda.is_available() else None
     events, steps = HostEvents(), []
-    while not llm.is_finished():
-        totals.clear()
-        before = events.sample()
-        record = llm.step().record
-        after = events.sample()
-        host = {k: after[k] - before[k] for k in ALLOCATOR_COUNTERS}
-        host["gc_ms"] = round(sum(after["gc_ms"]) - sum(before["gc_ms"]), 2)
-        steps.append((record, {k: 1e3 * v for k, v in totals.items()}, host))
-    events.close()
+    try:
+        while not llm.is_finished():
+            totals.clear()
+            before = events.sample()
+            record = llm.step().record
+            after = events.sample()
+            host = {k: after[k] - before[k] for k in (*ALLOCATOR_COUNTERS, "kernel_loads")}
+            host["kernel_load_ms"] = round(after["kernel_load_ms"] - before["kernel_load_ms"], 2)
+            host["gc_ms"] = round(sum(after["gc_ms"]) - sum(before["gc_ms"]), 2)
+            steps.append((record, {k: 1e3 * v for k, v in totals.items()}, host))
+    finally:
+        events.close()
     for (_, phases, _), (busy, idle) in zip(steps, device_times.read() if device_times else []):
         phases["device_busy"], phases["device_idle_before"] = busy, idle
     mixed = [s for s in steps if s[0].num_prefill_tokens and s[0].num_decode_seqs]

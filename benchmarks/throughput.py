@@ -11,8 +11,8 @@
   same 256 rows unconstrained (same weights, a byte-level vocabulary so that grammars have text to work with).
 
 W1, W5 and W6 also report ``host_events`` (``HostEvents``: the CUDA caching allocator's device allocations, frees and
-out-of-memory retries, and the garbage collector's collections and time), per timed run
-(``benchmarks/host_profile.py --workload W6`` reads them every step).
+out-of-memory retries, Triton kernels loaded onto the device, and the garbage collector's collections and time), per
+timed run (``benchmarks/host_profile.py --workload W6`` reads them every step).
 
 ``--baseline vllm`` runs W1, W5 and W6 through vLLM too (``benchmarks/vllm_baseline.py``, in a subprocess) and the
 table shows both and the ratio: the same requests, measured in the same run of this script.
@@ -156,13 +156,19 @@ ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries"
 
 class HostEvents:
     """What can hold the host up between two points of a run: the CUDA caching allocator's device allocations,
-    frees and out-of-memory retries (a retry synchronises the device before freeing its cache), and Python's
-    garbage collections with their time, by generation. ``sample()`` gives the totals so far."""
+    frees and out-of-memory retries (a retry synchronises the device before freeing its cache), Triton kernels
+    loaded onto the device (at a compiled variant's first launch in the process: a module load, which CUDA may
+    make wait for the whole device), and Python's garbage collections with their time, by generation.
+    ``sample()`` gives the totals so far."""
 
     def __init__(self) -> None:
+        from triton.compiler.compiler import CompiledKernel
         self.gc_count, self.gc_ms, self._gc_started = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+        self.kernel_loads, self.kernel_load_ms = 0, 0.0
         self._allocator_start = self._allocator()
         gc.callbacks.append(self._on_gc)
+        self._compiled, self._init_handles = CompiledKernel, CompiledKernel._init_handles
+        CompiledKernel._init_handles = lambda kernel: self._load(kernel)
 
     @staticmethod
     def _allocator() -> dict:
@@ -176,13 +182,25 @@ class HostEvents:
             self.gc_count[info["generation"]] += 1
             self.gc_ms[info["generation"]] += 1e3 * (time.perf_counter() - self._gc_started)
 
+    def _load(self, kernel) -> None:
+        if kernel.module is not None:  # (called at every launch of a kernel not yet run: only loads count)
+            return self._init_handles(kernel)
+        started = time.perf_counter()
+        try:
+            return self._init_handles(kernel)
+        finally:
+            self.kernel_loads += 1
+            self.kernel_load_ms += 1e3 * (time.perf_counter() - started)
+
     def sample(self) -> dict:
         now = self._allocator()
         return dict(**{k: now[k] - self._allocator_start[k] for k in ALLOCATOR_COUNTERS},
+                    kernel_loads=self.kernel_loads, kernel_load_ms=round(self.kernel_load_ms, 3),
                     gc_collections=list(self.gc_count), gc_ms=[round(ms, 3) for ms in self.gc_ms])
 
     def close(self) -> dict:
         gc.callbacks.remove(self._on_gc)
+        self._compiled._init_handles = self._init_handles
         return self.sample()
 
 
@@ -209,10 +227,13 @@ def engine_rate(llm: LLM, requests: list[Request], timed_runs: int = 3, name: st
         records.clear()
         llm.add_step_callback(records.append)
         events = HostEvents()
-        wall, outs = timed_generate(llm, fresh(requests, run))
+        try:
+            wall, outs = timed_generate(llm, fresh(requests, run))
+        finally:
+            host_events = events.close()
         llm.step_callbacks.remove(records.append)
         runs.append(dict(wall_s=wall, generated_tokens=sum(len(o["token_ids"]) for o in outs),
-                         host_events=events.close()))
+                         host_events=host_events))
     rates = sorted(r["generated_tokens"] / r["wall_s"] for r in runs)
     dump_steps(name, records)
     return dict(prompts=len(requests), generated_tokens=runs[0]["generated_tokens"], tok_per_s=rates[len(rates) // 2],
@@ -229,18 +250,20 @@ def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
     gaps, tokens, records = [], 0, []
     events = HostEvents()
     start = time.perf_counter()
-    while not llm.is_finished():
-        out = llm.step()
-        now = time.perf_counter()
-        records.append(out.record)
-        for seq_id, new in out.new_tokens.items():
-            tokens += len(new)
-            if seq_id in short and new:
-                if seq_id in last_seen:
-                    gaps += [(now - last_seen[seq_id]) / len(new)] * len(new)
-                last_seen[seq_id] = now
+    try:
+        while not llm.is_finished():
+            out = llm.step()
+            now = time.perf_counter()
+            records.append(out.record)
+            for seq_id, new in out.new_tokens.items():
+                tokens += len(new)
+                if seq_id in short and new:
+                    if seq_id in last_seen:
+                        gaps += [(now - last_seen[seq_id]) / len(new)] * len(new)
+                    last_seen[seq_id] = now
+    finally:
+        host_events = events.close()
     wall = time.perf_counter() - start
-    host_events = events.close()
     dump_steps(name, records)
     gaps.sort()
     p50, p99 = gaps[len(gaps) // 2], gaps[int(len(gaps) * 0.99)]

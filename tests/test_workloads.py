@@ -51,6 +51,30 @@ def test_host_events_count_collections():
     gc.collect(2)
     assert events.sample()["gc_collections"] == totals["gc_collections"]  # closed: no longer counting
 
+
+def test_host_events_count_kernel_loads(monkeypatch):
+    """A Triton kernel's first launch in the process loads it (``CompiledKernel._init_handles`` with no module
+    yet): counted while the events are open; later launches, and anything after ``close()``, are not."""
+    from types import SimpleNamespace
+
+    from triton.compiler.compiler import CompiledKernel
+
+    from benchmarks import throughput
+
+    def load(kernel):  # stands in for the driver's module load
+        kernel.module = "loaded"
+    monkeypatch.setattr(CompiledKernel, "_init_handles", load)
+    events = throughput.HostEvents()
+    first, second = SimpleNamespace(module=None), SimpleNamespace(module=None)
+    CompiledKernel._init_handles(first)
+    CompiledKernel._init_handles(first)  # a later launch: already loaded
+    assert events.sample()["kernel_loads"] == 1 and first.module == "loaded"
+    totals = events.close()
+    CompiledKernel._init_handles(second)
+    assert second.module == "loaded" and events.sample()["kernel_loads"] == totals["kernel_loads"] == 1
+    assert CompiledKernel._init_handles is load  # restored
+
+
 def test_host_profile_w6_lists_the_phases_of_slow_mixed_steps(monkeypatch, capsys):
     """benchmarks/host_profile.py --workload W6 on a small stand-in for W6 (demo-random, 300-token prompts, a
     512-token budget so that prompts are admitted beside decode rows), every mixed step counted as slow."""
