@@ -10,8 +10,8 @@ near zero is bound by the host.
 staging rings' uploads and downloads, ``throughput.HostEvents`` (device allocations, frees, allocator retries,
 Triton kernel loads, garbage collection) and each step's time on the device (``DeviceTimes``): it prints, for the
 steps with prompt tokens beside decode rows, the phases of the slow ones (no wait for the device, over
-``--slow-ms``) against the median of the others. A step's phases are those of its ``step()`` call, which launches the next batch before it
-completes this one; its device times are those of the batch it completes.
+``--slow-ms``) against the median of the others. A step's phases are those of its ``step()`` call, which launches
+the next batch before it completes this one; its device times are those of the batch it completes.
 
 Phases nest (``_launch_ahead`` includes ``schedule`` and ``forward`` or ``launch``; ``forward`` includes
 ``_prepare_decode`` and ``_forward``, the graph replay; ``_sample_deferred`` includes ``_prepare_sampling``, which
@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.throughput import (ALLOCATOR_COUNTERS, OUT_SCHEMA, TOKEN_RANGE, HostEvents, as_engine,  # noqa: E402
                                    build_checkpoint, text_checkpoint, timed_generate)
