@@ -2,8 +2,9 @@
 
 Order matters for the user. Flags (pipeline.config), the output directory, the input and its columns are
 checked first, so such a mistake costs one line and nothing is started. The model is resolved exactly as
-the actors will resolve it, in a thread, while the input is read and Ray starts (or is joined): a model that
-cannot be found or fetched fails the job in one line before any actor starts. The actors then load their
+the actors will resolve it, and the engine and sampling settings checked by the engine's rules
+(:mod:`pipeline.checks`, in a child process), while the input is read and Ray starts (or is joined): a bad one
+fails the job in one line before any actor starts. The actors then load their
 engines while the input is fingerprinted and the manifest checked; then the dispatch loop
 (:mod:`pipeline.dispatch`) runs, and Ray is left as it was found.
 """
@@ -25,18 +26,18 @@ from typing import Any
 import ray
 
 from pipeline.actor import EngineActor
+from pipeline.checks import REPO_ROOT, check_settings_somewhere
 from pipeline.config import JobConfig
 from pipeline.dispatch import ActorPlan, JobRunner
-from pipeline.errors import JobFailed, UsageError, one_line, root_cause
+from pipeline.errors import JobFailed, UsageError, root_cause
 from pipeline.inputs import InputSource, open_input, resolve_prompt_column
 from pipeline.output import OutputDir, make_manifest
-from pipeline.rows import OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN, RowSpec, check_defaults, output_spec
+from pipeline.rows import OVERRIDE_COLUMNS, SAMPLING_PARAMS_COLUMN, RowSpec, output_spec
 from pipeline.sample import sample_prompts
 from pipeline.signals import StopRequest
 from pipeline.stats import JobStats
 
 log = logging.getLogger("pipeline")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -67,7 +68,7 @@ def run_job(config: JobConfig, actor_cls: type = EngineActor, stop: StopRequest 
     """
     started = time.monotonic()
     with nullcontext(stop) if stop is not None else StopRequest() as stop:
-        settings = in_background(check_settings, config)  # while the input is read, Ray starts
+        settings = in_background(check_settings_somewhere, config)  # while the input is read, Ray starts
         plan = plan_job(config)
         if plan.shards_left == 0 and plan.out.manifest_path.exists():
             prepare_output(config, plan)  # a finished job: the input must still be the same one
@@ -144,42 +145,6 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Future:
 
     threading.Thread(target=run, name=f"driver-{fn.__name__}", daemon=True).start()
     return future
-
-
-def check_settings(config: JobConfig) -> None:
-    """What the engine will say about the job's model, engine arguments and sampling flags, said once, before any
-    actor starts."""
-    check_model(config.model, config.log_level)
-    from engine.config import check_engine_args
-    try:
-        check_engine_args(**config.engine_args)
-    except ValueError as e:
-        raise UsageError(f"--engine-arg {e}") from None
-    check_sampling(config)
-
-
-def check_sampling(config: JobConfig) -> None:
-    """Each sampling flag by the engine's rules, so that a bad one stops the job in one line naming it instead of
-    failing every row."""
-    for name, value in config.sampling.items():
-        try:
-            check_defaults({"max_tokens": config.max_tokens, name: value})
-        except ValueError as e:
-            raise UsageError(f"--{name.replace('_', '-')}: {e}") from None
-
-
-def check_model(model: str, log_level: str = "WARNING") -> None:
-    """Resolve ``model`` with the engine's own rule (``engine.loader.resolve_model_path``: a built-in demo, a local
-    HF directory, a .gguf file, or a Hugging Face hub id, fetched into the local cache), so that a model that
-    cannot be found or fetched stops the job in one line before any actor starts. A hub model is downloaded
-    here once; actors on this node then find it in the cache (other nodes fetch their own copy). The engine
-    logs at the job's ``--log-level`` here too."""
-    from engine.loader import resolve_model_path
-    logging.getLogger("nanovllm").setLevel(log_level)
-    try:
-        resolve_model_path(model)
-    except Exception as e:  # ValueError for a bad name or path; OSError, hub errors while fetching
-        raise UsageError(f"--model {model}: {one_line(e)}") from e
 
 
 def fingerprint_input(source: InputSource) -> str:

@@ -16,6 +16,7 @@ import pytest
 from ray.util.state import list_actors
 
 from pipeline.actor import EngineActor
+from pipeline.checks import check_settings_apart
 from pipeline.cli import main
 from pipeline.config import parse_config
 from pipeline.driver import run_job
@@ -105,10 +106,18 @@ def test_bad_inputs_and_flags_fail_early_with_one_line(tmp_path, capsys, monkeyp
     assert not (tmp_path / "out").exists()  # nothing was written for any of them
 
 
-def test_models_that_cannot_be_resolved_fail_with_one_line_before_any_actor(tmp_path, capsys, monkeypatch):
-    """The engine's own rule (engine.loader.resolve_model_path) decides, in the driver, while Ray starts: a path
-    that does not exist, a directory without config.json, a hub id without its org/ (gpt2) that every actor
-    would refuse."""
+@pytest.fixture(params=["in place", "apart"])
+def settings_checked(request, monkeypatch):
+    """The driver's settings check as a process that has imported the engine runs it (in place), and as a fresh
+    driver does (in a child process: pipeline.checks.check_settings_apart)."""
+    if request.param == "apart":
+        monkeypatch.setattr("pipeline.driver.check_settings_somewhere", check_settings_apart)
+
+
+def test_models_that_cannot_be_resolved_fail_with_one_line_before_any_actor(tmp_path, capfd, monkeypatch,
+                                                                            settings_checked):
+    """The engine's own rule (engine.loader.resolve_model_path) decides, while Ray starts: a path that does not
+    exist, a directory without config.json, a hub id without its org/ (gpt2) that every actor would refuse."""
     (tmp_path / "model_without_config").mkdir()
     cases = {"/no/such/model": "neither a local model directory", str(tmp_path / "model_without_config"):
              "has no config.json", "gpt2": "neither a local model directory"}
@@ -117,12 +126,13 @@ def test_models_that_cannot_be_resolved_fail_with_one_line_before_any_actor(tmp_
     ok = write_prompts(tmp_path / "ok.parquet", PROMPTS)
     for model, message in cases.items():
         assert main(["--input", str(ok), "--model", model, "--output", str(tmp_path / "out")]) == 2, model
-        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[pipeline]")]
+        lines = [line for line in capfd.readouterr().err.strip().splitlines() if not line.startswith("[pipeline]")]
         assert len(lines) == 1 and lines[0].startswith(f"error: --model {model}: ") and message in lines[0], lines
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_sampling_and_engine_flags_fail_with_one_line_before_any_actor(tmp_path, capsys, monkeypatch):
+def test_bad_sampling_and_engine_flags_fail_with_one_line_before_any_actor(tmp_path, capfd, monkeypatch,
+                                                                           settings_checked):
     """The engine's own rules (SamplingParams, engine.config for --engine-arg values, and xgrammar for a
     constraint, which needs no tokenizer), checked by the driver: a flag every row or actor would fail on stops the
     job in one line naming it, exit 2."""
@@ -140,9 +150,19 @@ def test_bad_sampling_and_engine_flags_fail_with_one_line_before_any_actor(tmp_p
     ok = write_prompts(tmp_path / "ok.parquet", PROMPTS)
     for flags, message in cases.items():
         assert main(["--input", str(ok), "--max-tokens", "4", *flags, "--output", str(tmp_path / "out")]) == 2, flags
-        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[pipeline]")]
+        lines = [line for line in capfd.readouterr().err.strip().splitlines() if not line.startswith("[pipeline]")]
         assert len(lines) == 1 and lines[0].startswith(message), lines
     assert not (tmp_path / "out").exists()
+
+
+def test_a_driver_without_the_engine_checks_settings_in_a_child_process(tmp_path):
+    """The job's driver imports neither torch, transformers nor the engine for its checks (pipeline.checks)."""
+    code = ("import sys; from pipeline.config import parse_config; from pipeline.checks import check_settings_somewhere; "
+            "check_settings_somewhere(parse_config(['--model', 'demo-random', '--top-k', '5'])); "
+            "print([m for m in ('torch', 'transformers', 'engine') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_cli_exit_status_and_message(tmp_path):
@@ -317,11 +337,15 @@ def test_killed_driver_resumes_without_redoing_shards(ray_cluster, tmp_path):
     assert results.column("prompt")[0].as_py() == "another input 0"
 
 
-# Where the signal lands: once the manifest is written (the actors are starting, nothing ran yet), once the first
-# shard is written (while shards run and are written), and while Ray shuts down at the end of a finished job
-# (``ray.shutdown`` slowed down and announced by a marker file, see _start_driver).
-STOP_POINTS = {"start": lambda out: (out / "manifest.json").exists(), "middle": lambda out: part_files(out),
-               "end": lambda out: (out / "shutting-down").exists()}
+# Where the signal lands: while the settings are checked (in the driver's child process, pipeline.checks), once the
+# manifest is written (the actors are starting, nothing ran yet), once the first shard is written (while shards run
+# and are written), and while Ray shuts down at the end of a finished job (``ray.shutdown`` slowed down and
+# announced by a marker file, see _start_driver).
+STOP_POINTS = {
+    "checks": lambda proc, out: subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "pipeline.checks"],
+                                               capture_output=True).returncode == 0,
+    "start": lambda proc, out: (out / "manifest.json").exists(), "middle": lambda proc, out: part_files(out),
+    "end": lambda proc, out: (out / "shutting-down").exists()}
 
 
 def _check_resumed_numbers(stats, out, n, rows_before):
@@ -343,16 +367,16 @@ def _check_resumed_numbers(stats, out, n, rows_before):
     assert sum(len(s["step"]) for s in job.steps.values()) == sum(a["steps"] for a in stats["actors"].values())
 
 
-@pytest.mark.parametrize("sig, point", [(signal.SIGTERM, "start"), (signal.SIGTERM, "middle"),
-                                        (signal.SIGTERM, "end"), (signal.SIGINT, "middle")],
-                         ids=["sigterm-start", "sigterm-middle", "sigterm-end", "ctrl-c-middle"])
+@pytest.mark.parametrize("sig, point", [(signal.SIGINT, "checks"), (signal.SIGTERM, "start"),
+                                        (signal.SIGTERM, "middle"), (signal.SIGTERM, "end"), (signal.SIGINT, "middle")],
+                         ids=["ctrl-c-checks", "sigterm-start", "sigterm-middle", "sigterm-end", "ctrl-c-middle"])
 def test_a_stopped_driver_exits_cleanly_and_prints_how_to_resume(ray_cluster, tmp_path, sig, point):
     """Wherever the signal lands: exit 128 + signal, "interrupted" in stats.json, the steps merged, no _tmp/, no
     traceback, and the printed command finishes the job without redoing written shards."""
     out = tmp_path / "out"
     proc = _start_driver(ray_cluster, job_argv(None, out, shard_size=4, max_tokens=32),  # the 64 sample prompts
                          shutdown_marker=out / "shutting-down" if point == "end" else None)
-    wait_for(lambda: STOP_POINTS[point](out), 180, f"the {point} of the job")
+    wait_for(lambda: STOP_POINTS[point](proc, out), 180, f"the {point} of the job")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-3000:]
