@@ -44,6 +44,7 @@ def check_settings_apart(config: JobConfig) -> None:
 
 
 def check_settings(config: JobConfig) -> None:
+    """The model, the engine arguments and the sampling flags, checked in this process (it imports the engine)."""
     check_model(config.model, config.log_level)
     from engine.config import check_engine_args
     try:
