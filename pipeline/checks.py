@@ -31,8 +31,10 @@ def check_settings_somewhere(config: JobConfig) -> None:
 
 
 def check_settings_apart(config: JobConfig) -> None:
-    """:func:`check_settings` in a child process, its UsageError raised here. The child has a session of its own,
-    so a Ctrl-C at the terminal (which the driver turns into a clean stop) does not print its traceback."""
+    """:func:`check_settings` in a child process, its UsageError raised here. A stop never interrupts the child
+    mid-check (it finishes in seconds and exits): it inherits the driver's blocked SIGINT and SIGTERM
+    (:mod:`pipeline.signals`), and runs in a session of its own, out of reach of signals sent to the driver's
+    process group (a terminal's Ctrl-C) whoever the caller is."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     child = subprocess.Popen([sys.executable, "-m", "pipeline.checks"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              env=env, start_new_session=True)

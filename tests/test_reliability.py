@@ -155,7 +155,7 @@ def test_bad_sampling_and_engine_flags_fail_with_one_line_before_any_actor(tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_a_driver_without_the_engine_checks_settings_in_a_child_process(tmp_path):
+def test_a_driver_without_the_engine_checks_settings_in_a_child_process():
     """The job's driver imports neither torch, transformers nor the engine for its checks (pipeline.checks)."""
     code = ("import sys; from pipeline.config import parse_config; from pipeline.checks import check_settings_somewhere; "
             "check_settings_somewhere(parse_config(['--model', 'demo-random', '--top-k', '5'])); "
@@ -297,7 +297,7 @@ def _start_driver(ray_cluster, argv, shutdown_marker=None):
     if shutdown_marker is not None:
         script = ["-c", SLOW_SHUTDOWN, str(shutdown_marker), *script]
     return subprocess.Popen([sys.executable, *script, "--address", ray_cluster.address, *argv], env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def _snapshot(output):
@@ -377,7 +377,10 @@ def test_a_stopped_driver_exits_cleanly_and_prints_how_to_resume(ray_cluster, tm
     proc = _start_driver(ray_cluster, job_argv(None, out, shard_size=4, max_tokens=32),  # the 64 sample prompts
                          shutdown_marker=out / "shutting-down" if point == "end" else None)
     wait_for(lambda: STOP_POINTS[point](proc, out), 180, f"the {point} of the job")
-    proc.send_signal(sig)
+    if point == "checks":
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: to the driver's whole process group
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err and "SystemError" not in err, err[-3000:]
