@@ -46,6 +46,8 @@ def ahead_of_time(threads: int | None = None) -> Iterator[None]:
     finally:
         _COMPILED.reset(token)
     for kernel in compiled:
-        load = getattr(kernel, "_init_handles", None)  # (a future of the async mode passes it to its kernel)
+        if hasattr(kernel, "result"):  # the async mode's future (Triton 3.6's does not pass attributes on)
+            kernel = kernel.result()
+        load = getattr(kernel, "_init_handles", None)
         if load is not None:
             load()
