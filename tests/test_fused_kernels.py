@@ -453,21 +453,37 @@ def test_gumbel_split_plan():
 
 def test_launches_only_compile_ahead_of_time():
     """engine.kernels.warmup: inside ahead_of_time() a launch through ``launch`` compiles (Triton's warmup) instead
-    of running; outside it runs."""
+    of running, and the compiled kernel is loaded onto the device when the block ends (not at its first launch,
+    mid-run); outside it runs."""
     from engine.kernels.warmup import ahead_of_time, launch
     calls = []
 
+    class Compiled:
+        def _init_handles(self):
+            calls.append(("load",))
+
+    class Future:  # what warmup returns under Triton's AsyncCompileMode (3.6's passes no attribute on)
+        def result(self):
+            return Compiled()
+
     class Kernel:
+        def __init__(self, compiled=Compiled):
+            self.compiled = compiled
+
         def warmup(self, *args, grid, **kwargs):
             calls.append(("compile", args, grid, kwargs))
+            return self.compiled()
 
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append(("run", args, grid, kwargs))
     launch(Kernel(), (2,))(1, X=3)
     with ahead_of_time(threads=2):
         launch(Kernel(), (4,))(5, X=6)
+        launch(Kernel(Future), (5,))(6)
+        assert calls[-1][0] == "compile"
     launch(Kernel(), (7,))(8)
-    assert calls == [("run", (1,), (2,), {"X": 3}), ("compile", (5,), (4,), {"X": 6}), ("run", (8,), (7,), {})]
+    assert calls == [("run", (1,), (2,), {"X": 3}), ("compile", (5,), (4,), {"X": 6}), ("compile", (6,), (5,), {}),
+                     ("load",), ("load",), ("run", (8,), (7,), {})]
 
 
 def test_compiled_gumbel_variants_cover_every_batch_size(monkeypatch):

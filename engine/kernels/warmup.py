@@ -9,7 +9,6 @@ loaded from disk in milliseconds. The model runner uses it for the variants that
 (``ModelRunner._compile_ahead``); the forward pass's own kernels compile in the start-up's first runs.
 """
 import contextvars
-import functools
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,29 +16,38 @@ from contextlib import contextmanager
 
 import triton
 
-_COMPILE_ONLY = contextvars.ContextVar("nanovllm_compile_only", default=False)
+_COMPILED = contextvars.ContextVar("nanovllm_compiled", default=None)  # inside ahead_of_time: what it compiled
 
 
 def launch(kernel: triton.JITFunction, grid: tuple[int, ...]) -> Callable[..., object]:
     """``kernel[grid]``; inside :func:`ahead_of_time`, its compilation only (nothing runs on the device)."""
-    if _COMPILE_ONLY.get():
-        return functools.partial(kernel.warmup, grid=grid)
-    return kernel[grid]
+    compiled = _COMPILED.get()
+    if compiled is None:
+        return kernel[grid]
+    return lambda *args, **kwargs: compiled.append(kernel.warmup(*args, grid=grid, **kwargs))
 
 
 @contextmanager
 def ahead_of_time(threads: int | None = None) -> Iterator[None]:
     """Launches through :func:`launch` in this block compile without running, ``threads`` at a time (default:
-    the CPUs this process may use, at most 16); all are compiled when the block ends. Outputs of the skipped
-    launches are left unwritten."""
-    token = _COMPILE_ONLY.set(True)
+    the CPUs this process may use, at most 16); when the block ends all are compiled and loaded onto the device.
+    (Triton loads a compiled kernel at its first launch otherwise: a module load in the middle of a run, which CUDA
+    may make wait for the whole device.) Outputs of the skipped launches are left unwritten."""
+    compiled = []
+    token = _COMPILED.set(compiled)
     try:
         async_mode = getattr(triton, "AsyncCompileMode", None)  # one at a time in a Triton without it
         if async_mode is None:
             yield
-            return
-        threads = threads or min(16, len(os.sched_getaffinity(0)))
-        with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, async_mode(pool):
-            yield
+        else:
+            threads = threads or min(16, len(os.sched_getaffinity(0)))
+            with ThreadPoolExecutor(threads, thread_name_prefix="triton-compile") as pool, async_mode(pool):
+                yield
     finally:
-        _COMPILE_ONLY.reset(token)
+        _COMPILED.reset(token)
+    for kernel in compiled:
+        if hasattr(kernel, "result"):  # the async mode's future (Triton 3.6's does not pass attributes on)
+            kernel = kernel.result()
+        load = getattr(kernel, "_init_handles", None)
+        if load is not None:
+            load()
