@@ -184,6 +184,29 @@ def test_start_freezes_existing_objects_out_of_full_collections(tiny_models):
     assert gc.get_freeze_count() == 0
 
 
+def test_admitted_requests_are_frozen_out_of_full_collections(tiny_models):
+    """Requests added since the last step (their token lists hold a reference per token) are left out of full
+    collections from the next step on, and still freed by reference counting once finished."""
+    import gc
+    import weakref
+    engine = LLM(tiny_models["qwen3"], device="cpu", kvcache_block_size=16, max_model_len=256)
+    try:
+        seqs = [engine.add_request(list(range(1, 30 + i)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+                for i in range(8)]
+        tracked = {id(o) for o in gc.get_objects()}
+        assert all(id(s) in tracked and id(s.token_ids) in tracked for s in seqs)
+        engine.step()
+        tracked = {id(o) for o in gc.get_objects()}
+        assert not any(id(s) in tracked or id(s.token_ids) in tracked for s in seqs)
+        while not engine.is_finished():
+            engine.step()
+        refs = [weakref.ref(s) for s in seqs]
+        del seqs
+        assert all(r() is None for r in refs)  # no reference cycle kept them: nothing waits for shutdown
+    finally:
+        engine.shutdown()
+
+
 def test_importing_the_engine_leaves_transformers_auto_classes_unloaded():
     """A job's driver imports the engine to check its settings before any actor starts: transformers' auto
     tokenizer and model classes (seconds to import with some versions) load only with a model."""
