@@ -55,9 +55,10 @@ def freeze_admitted() -> None:
     """Leave newly admitted requests out of full collections too. Their token-id lists are long-lived and hold a
     reference per token: with W5's 2,048 rows queued (and the caller's copy of the prompts) a full collection walked
     ~2.3M references, 43-59 ms on the CPU machine; an H100 made 12-15 of them (0.8-0.9 s) in every W5 run, each
-    longer than the 13-22 ms step queued ahead of it on the GPU. Frozen, one takes 1-3 ms. Freezing is a list splice (no walk). The engine's requests and
-    steps make no reference cycles, so they are still freed, by reference counting, once finished; other cycles
-    alive at an admission wait for ``shutdown`` or exit, as those of start-up do."""
+    longer than the 13-22 ms step queued ahead of it on the GPU. Frozen, one takes 1-3 ms. Freezing is a list
+    splice (no walk). The engine's requests and steps make no reference cycles, so they are still freed, by
+    reference counting, once finished; other cycles alive at an admission wait for ``shutdown`` or exit, as those
+    of start-up do."""
     gc.freeze()
 
 

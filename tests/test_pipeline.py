@@ -353,7 +353,9 @@ def test_stats_agree_with_the_rows(job_a):
                for a in actors)
     for a in actors:  # the start-up timeline, in seconds from the launch
         assert 0 <= stats["time_to_ray_s"] < a["started_s"] < a["started_s"] + a["load_time_s"] <= a["ready_s"] + 0.1
-        assert a["ready_s"] < stats["time_to_first_result_s"]
+    # the first result comes from a ready actor (another may still be loading: on a busy 2-core machine one took
+    # 0.3 s longer than the first shard)
+    assert min(a["ready_s"] for a in actors) < stats["time_to_first_result_s"]
     assert stats["config"]["shard_size"] == 5 and stats["resources"]["device"] == "cpu"
 
 
