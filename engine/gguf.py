@@ -2,8 +2,8 @@
 
 A GGUF file is resolved once into a small cache directory that looks like an HF checkpoint to the rest of the
 engine: ``config.json`` and the tokenizer files (chat template included), both made by transformers' own GGUF
-support from the file's metadata, plus ``gguf_source.json``: the .gguf's path, architecture and tensor table
-(name, type, offset). The weights are not copied: :func:`gguf_tensors` dequantizes them straight from the
+support from the file's metadata, plus ``gguf_source.json``: the .gguf's path, architecture, tensor table
+(name, type, offset) and the GGUF-to-HF name map. The weights are not copied: :func:`gguf_tensors` dequantizes them straight from the
 memory-mapped .gguf at every load, without parsing the file again (gguf-py's reader takes seconds on the
 vocabulary alone). They are renamed to HF names with gguf-py's name map; llama.cpp's converter permutes Llama q/k
 rows for its rotary layout, and transformers' Llama tensor processor, run on every tensor, undoes that.
@@ -25,7 +25,7 @@ from engine.models.decoder import ARCHITECTURES
 
 logger = get_logger(__name__)
 SOURCE_FILE = "gguf_source.json"   # in a resolved directory: see _read_source
-CACHE_FORMAT = "v2"                # bump when the resolved directory's contents change
+CACHE_FORMAT = "v3"                # bump when the resolved directory's contents change
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -86,7 +86,7 @@ def gguf_tensors(source: dict, config: PretrainedConfig) -> Iterator[tuple[str, 
         raise ValueError(f"{gguf_file} changed since it was resolved; load the .gguf file itself again")
     blob = np.memmap(gguf_file, dtype=np.uint8, mode="r")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    names = _gguf_to_hf_names(arch, config)
+    names = source["hf_names"]
     for name, type_name, shape, offset, nbytes in source["tensors"]:
         if name not in names:
             logger.debug("GGUF tensor %s has no HF name; skipped", name)
@@ -103,7 +103,9 @@ def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
     """{GGUF tensor name: HF parameter name}, from gguf-py's name map applied to a meta-device HF model's names.
 
     The top level of transformers' ``get_gguf_hf_weights_map``, which also walks every submodule building the
-    map again (5 s for 30 layers); the models the engine runs need only the top level.
+    map again (5 s for 30 layers); the models the engine runs need only the top level. Made once, when the file is
+    resolved: building the meta model imports transformers' modeling code (5 s of a 15 s ``LLM("demo")`` start on
+    the 2-core CPU machine when it ran at every load).
     """
     from transformers import AutoModelForCausalLM  # the auto classes take seconds to import: only for GGUF
     arch_id = next(key for key, name in MODEL_ARCH_NAMES.items() if name == arch)
@@ -120,7 +122,8 @@ def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
 
 
 def _write_hf_files(gguf_file: str, out: str) -> None:
-    """Check that the engine can run ``gguf_file``, then write its config, tokenizer and source record to ``out``."""
+    """Check that the engine can run ``gguf_file``, then write its config, tokenizer and source record (with the
+    name map) to ``out``."""
     from transformers import AutoTokenizer
     source = _read_source(gguf_file)
     folder, name = os.path.split(gguf_file)
@@ -128,6 +131,7 @@ def _write_hf_files(gguf_file: str, out: str) -> None:
     config.architectures = [SUPPORTED_ARCHS[source["architecture"]]]
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    source["hf_names"] = _gguf_to_hf_names(source["architecture"], config)
     with open(os.path.join(out, SOURCE_FILE), "w") as fh:
         json.dump(source, fh)
 

@@ -158,6 +158,20 @@ def test_resolved_once_per_file_version(tiny_models, tmp_path):
     assert resolve_gguf(gguf_file) != first
 
 
+def test_loads_without_building_the_name_map_again(gguf_ready_models, tmp_path, monkeypatch):
+    """The GGUF-to-HF name map is made when the file is resolved (it builds a meta model, which imports transformers'
+    modeling code: seconds); loading the resolved file reads it from the cache directory."""
+    import engine.gguf
+    gguf_file = write_gguf(tmp_path / "tiny.gguf", gguf_ready_models["qwen3"], Q.Q4_1)
+    engine.gguf.resolve_gguf(gguf_file)
+    expected = engine_greedy(gguf_file)
+
+    def built_again(*args):
+        raise AssertionError("the name map was built again")
+    monkeypatch.setattr(engine.gguf, "_gguf_to_hf_names", built_again)
+    assert engine_greedy(gguf_file) == expected
+
+
 def test_unsupported_architecture(tiny_models, tmp_path):
     gguf_file = write_gguf(tmp_path / "gemma2.gguf", tiny_models["qwen2"], arch="gemma2")
     with pytest.raises(ValueError, match=rf"{re.escape(gguf_file)}: GGUF architecture 'gemma2' is not supported "
