@@ -3,9 +3,9 @@
 A GGUF file is resolved once into a small cache directory that looks like an HF checkpoint to the rest of the
 engine: ``config.json`` and the tokenizer files (chat template included), both made by transformers' own GGUF
 support from the file's metadata, plus ``gguf_source.json``: the .gguf's path, architecture, tensor table
-(name, type, offset) and the GGUF-to-HF name map. The weights are not copied: :func:`gguf_tensors` dequantizes them straight from the
-memory-mapped .gguf at every load, without parsing the file again (gguf-py's reader takes seconds on the
-vocabulary alone). They are renamed to HF names with gguf-py's name map; llama.cpp's converter permutes Llama q/k
+(name, type, offset) and the GGUF-to-HF name map. The weights are not copied: :func:`gguf_tensors` dequantizes
+them straight from the memory-mapped .gguf at every load, without parsing the file again (gguf-py's reader takes
+seconds on the vocabulary alone). They are renamed to HF names with gguf-py's name map; llama.cpp's converter permutes Llama q/k
 rows for its rotary layout, and transformers' Llama tensor processor, run on every tensor, undoes that.
 """
 import hashlib
@@ -104,8 +104,8 @@ def _gguf_to_hf_names(arch: str, config: PretrainedConfig) -> dict[str, str]:
 
     The top level of transformers' ``get_gguf_hf_weights_map``, which also walks every submodule building the
     map again (5 s for 30 layers); the models the engine runs need only the top level. Made once, when the file is
-    resolved: building the meta model imports transformers' modeling code (5 s of a 15 s ``LLM("demo")`` start on
-    the 2-core CPU machine when it ran at every load).
+    resolved: building the meta model imports transformers' modeling code, ~3 s of an 8 s ``LLM("demo")`` start on
+    the 2-core CPU machine when it ran at every load.
     """
     from transformers import AutoModelForCausalLM  # the auto classes take seconds to import: only for GGUF
     arch_id = next(key for key, name in MODEL_ARCH_NAMES.items() if name == arch)
