@@ -5,8 +5,9 @@ engine: ``config.json`` and the tokenizer files (chat template included), both m
 support from the file's metadata, plus ``gguf_source.json``: the .gguf's path, architecture, tensor table
 (name, type, offset) and the GGUF-to-HF name map. The weights are not copied: :func:`gguf_tensors` dequantizes
 them straight from the memory-mapped .gguf at every load, without parsing the file again (gguf-py's reader takes
-seconds on the vocabulary alone). They are renamed to HF names with gguf-py's name map; llama.cpp's converter permutes Llama q/k
-rows for its rotary layout, and transformers' Llama tensor processor, run on every tensor, undoes that.
+seconds on the vocabulary alone). They are renamed to HF names with that map (gguf-py's); llama.cpp's converter
+permutes Llama q/k rows for its rotary layout, and transformers' Llama tensor processor, run on every tensor,
+undoes that.
 """
 import hashlib
 import json
