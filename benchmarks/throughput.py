@@ -255,12 +255,11 @@ def w6_with_latency(llm: LLM, name: str = "W6") -> dict:
             out = llm.step()
             now = time.perf_counter()
             records.append(out.record)
-            for seq_id, new in out.new_tokens.items():
-                tokens += len(new)
-                if seq_id in short and new:
-                    if seq_id in last_seen:
-                        gaps += [(now - last_seen[seq_id]) / len(new)] * len(new)
-                    last_seen[seq_id] = now
+            tokens += len(out.new_tokens)
+            for seq_id in short.intersection(out.new_tokens):
+                if seq_id in last_seen:
+                    gaps.append(now - last_seen[seq_id])
+                last_seen[seq_id] = now
     finally:
         host_events = events.close()
     wall = time.perf_counter() - start

@@ -237,7 +237,7 @@ class LLMEngine:
         token_ids = current.tokens.tolist()
         waited = time.perf_counter() - waiting
         seqs = current.batch.sampling_seqs
-        new_tokens = {s.seq_id: [t] for s, t in zip(seqs, token_ids) if not s.is_finished}
+        new_tokens = {s.seq_id: t for s, t in zip(seqs, token_ids) if not s.is_finished}  # no list per row: GC churn
         self._record_logprobs(current.tokens, seqs, token_ids)
         finished = self.scheduler.postprocess(seqs, token_ids)
         if self.host_token_seq_ids:  # (only requests with a grammar or a token penalty are in it)

@@ -6,6 +6,9 @@ from engine.metrics import StepRecord
 from engine.sequence import Sequence
 
 PENDING_TOKEN = -1  # stands for a token the previous step is still sampling: the runner reads it on the device
+# a decode row's tokens while that token is pending (every row, with async scheduling): one shared tuple, so that a
+# step does not allocate an object per row, each of which counts toward Python's next garbage collection
+PENDING_ROW = (PENDING_TOKEN,)
 
 
 @dataclass
@@ -18,7 +21,7 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list, repr=False)  # rank 0 only: not sent to TP workers
     num_computed_tokens: list[int] = field(default_factory=list)
     num_scheduled_tokens: list[int] = field(default_factory=list)
-    token_ids: list[list[int]] = field(default_factory=list)  # each row's new tokens (or PENDING_TOKEN)
+    token_ids: list[list[int] | tuple[int]] = field(default_factory=list)  # each row's new tokens (or PENDING_ROW)
     block_tables: list[list[int]] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
     num_decode_rows: int = 0
@@ -43,7 +46,7 @@ class SchedulerOutput:
         n = len(self.seqs)
         self.num_computed_tokens = [seq.num_computed_tokens for seq in self.seqs]
         self.num_scheduled_tokens = [1] * n
-        self.token_ids = [seq.token_ids[start:start + 1] or [PENDING_TOKEN]
+        self.token_ids = [seq.token_ids[start:start + 1] or PENDING_ROW
                           for seq, start in zip(self.seqs, self.num_computed_tokens)]
         self.block_tables = [seq.block_table for seq in self.seqs]
         self.sample = [True] * n
@@ -82,5 +85,5 @@ class SchedulerOutput:
 @dataclass
 class StepOutput:
     finished: list[Sequence]           # finished this step; results via ``llm.result(seq)``
-    new_tokens: dict[int, list[int]]   # seq_id -> token ids appended this step
+    new_tokens: dict[int, int]         # seq_id -> the token appended this step (one per sequence that sampled)
     record: StepRecord

@@ -158,7 +158,7 @@ class EngineLoop:
         out = self.llm.step()
         in_batch = Counter(batch for seq_id, (batch, _) in owners.items() if seq_id in out.new_tokens)
         oldest = next(iter(owners.values()))[0]
-        record = dict(out.record.to_dict(), num_new_tokens=sum(map(len, out.new_tokens.values())))
+        record = dict(out.record.to_dict(), num_new_tokens=len(out.new_tokens))
         self._attribute(record, max(in_batch, key=in_batch.__getitem__, default=oldest))
         rows_done = 0
         for seq in out.finished:

@@ -194,8 +194,8 @@ def stream(llm, prompts, params) -> tuple[list[dict], list[list[int]], int]:
     streamed, results, ahead = {s.seq_id: [] for s in seqs}, {}, 0
     while not llm.is_finished():
         out = llm.step()
-        for seq_id, tokens in out.new_tokens.items():
-            streamed[seq_id] += tokens
+        for seq_id, token in out.new_tokens.items():
+            streamed[seq_id].append(token)
         results.update({s.seq_id: llm.result(s) for s in out.finished})
         flight = llm.in_flight
         ahead += flight is not None and flight.tokens is not None and any(s.grammar for s in flight.batch.seqs)

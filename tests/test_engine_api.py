@@ -207,6 +207,40 @@ def test_admitted_requests_are_frozen_out_of_full_collections(tiny_models):
         engine.shutdown()
 
 
+def test_a_decode_step_allocates_no_tracked_object_per_row(tiny_models):
+    """Every container object a step allocates and keeps counts toward Python's next collection: one per row (a
+    list per row in ``new_tokens`` and in the batch's ``token_ids``) made W5's ~1,000-row steps trigger a
+    collection every step or two (1,900 per run on the GPU machine). What a decode step adds must not grow with
+    its rows."""
+    engine = LLM(tiny_models["qwen3"], device="cpu", kvcache_block_size=16, max_model_len=128, max_num_seqs=96)
+    try:
+        few, many = (_objects_a_decode_step_adds(engine, rows) for rows in (16, 96))
+        assert many - few < 16, f"a decode step adds {few} objects at 16 rows, {many} at 96"
+    finally:
+        engine.shutdown()
+
+
+def _objects_a_decode_step_adds(engine: LLM, rows: int) -> int:
+    """Python's gen-0 count (container objects allocated less those freed) over one decode step of ``rows``."""
+    import gc
+    for i in range(rows):
+        engine.add_request([1 + i % 50, 2, 3], SamplingParams(temperature=0.6, max_tokens=8, ignore_eos=True))
+    engine.step()
+    engine.step()  # every row decodes from here on
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        out = engine.step()
+        added = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert out.record.phase == "decode" and len(out.new_tokens) == rows
+    while not engine.is_finished():
+        engine.step()
+    return added
+
+
 def test_importing_the_engine_leaves_transformers_auto_classes_unloaded():
     """A job's driver imports the engine to check its settings before any actor starts: transformers' auto
     tokenizer and model classes (seconds to import with some versions) load only with a model."""

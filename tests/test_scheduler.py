@@ -331,7 +331,7 @@ def check_batch(sch: Scheduler, out: SchedulerOutput, was_waiting: set[int], pen
         expected = s.token_ids[start:start + n]
         if s.seq_id in pending and decoding:
             expected = expected + [PENDING_TOKEN]
-        assert out.token_ids[i] == expected
+        assert list(out.token_ids[i]) == expected
         assert len(s.block_table) == -(-(start + n) // BS) and out.block_tables[i] is s.block_table
         for pos in range(start, start + n):
             writes[s.block_table[pos // BS], pos % BS] = s, pos
