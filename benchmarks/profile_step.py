@@ -8,7 +8,8 @@ with ``--logprobs K`` every row asks for its tokens' logprobs and top K.
 
 Only decode steps of the whole batch are measured. A large batch is admitted over many steps (the token budget,
 the cap on prompt work beside decode rows), so a first run counts those admission steps and every measured run then
-asks for enough tokens that the rows admitted first are still decoding when the last one starts.
+asks for enough tokens that the rows admitted first are still decoding when the last one starts. Choose
+``--batch`` x (``--ctx`` + those tokens) that the KV cache holds.
 """
 import argparse
 import collections
@@ -62,8 +63,10 @@ def main() -> None:
     params = SamplingParams(temperature=0.6, max_tokens=args.steps, ignore_eos=True, logprobs=args.logprobs)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)  # also caches the shared prefix
     admission = len(run_recorded(llm, prompts, params)[0]) - args.steps  # steps beyond the decode steps asked for
-    # decode rows slow admission down (the cap on prompt work beside them): twice the first run's count, to spare
-    params = replace(params, max_tokens=2 * admission + args.steps + 2)
+    # the measured runs have more decode rows beside the prompts (none finishes during admission), which can slow
+    # admission a little (the cap on prompt work is larger beside fewer than 32 of them): a quarter more, to spare,
+    # and no more than that, so that the batch's K/V (rows x (ctx + max_tokens)) still fits the cache
+    params = replace(params, max_tokens=admission + admission // 4 + args.steps + 2)
     records, wall = run_recorded(llm, make(1), params)
     full = whole_batch_decode_steps(records, args.batch)
     times = [r.step_time_s for r in full]
