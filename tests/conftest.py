@@ -7,6 +7,23 @@ import torch
 from engine.demo import build_tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several workers: a core each, not every core each
+    torch.set_num_threads(1)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (the README's test command): a worker per core, at most four; one on a GPU machine, whose tests
+    each take most of the GPU's memory."""
+    return 1 if torch.cuda.is_available() else max(1, min(4, os.cpu_count() or 1))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items) -> None:
+    """Under pytest-xdist (``--dist loadgroup``), the modules that start Ray clusters and jobs run one after another on
+    one worker: with two local clusters up at once, the second's job agent accepted no submission in 300 s."""
+    for item in items:
+        if hasattr(item.module, "ray") or hasattr(item.module, "ray_cluster"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

@@ -272,11 +272,15 @@ def test_decode_zero_context_gives_zeros():
         assert rel_error(out[1:], ref) < TOLERANCE[torch.float32]
 
 
+# Every (shared blocks, splits) pair once; the head layouts and dtypes in a Latin square over them, so each shared
+# count and each split count meets every layout.
+DECODE_LAYOUTS = [(4, 2, torch.float32), (8, 2, torch.float16), (2, 2, torch.float32)]
+SHARED_PREFIX_CASES = [(shared, num_splits, *DECODE_LAYOUTS[(i + j) % 3])
+                       for i, shared in enumerate([0, 1, 3]) for j, num_splits in enumerate([None, 1, 3])]
+
+
 @small
-@pytest.mark.parametrize("shared", [0, 1, 3])
-@pytest.mark.parametrize("num_splits", [None, 1, 3])
-@pytest.mark.parametrize("num_heads,num_kv_heads,dtype", [(4, 2, torch.float32), (8, 2, torch.float16),
-                                                          (2, 2, torch.float32)])
+@pytest.mark.parametrize("shared,num_splits,num_heads,num_kv_heads,dtype", SHARED_PREFIX_CASES)
 def test_decode_shared_prefix(shared, num_splits, num_heads, num_kv_heads, dtype):
     """Every row has at least one block of its own after the shared ones (as in the engine)."""
     context_lens = [3 * 16 + 1, 4 * 16, 5 * 16 + 9, 3 * 16 + 16, 7 * 16 + 2]
@@ -314,9 +318,9 @@ def test_prefill_default_config_and_max_seqlen_from_cu():
 
 
 @small
-@pytest.mark.parametrize("num_splits", [2, 3, 16])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype", [(9, 3, 64, torch.float32), (10, 2, 80, torch.float16),
-                                                                   (14, 2, 64, torch.float32), (4, 4, 32, torch.float32)])
+@pytest.mark.parametrize("num_splits,num_heads,num_kv_heads,head_dim,dtype",  # each split count, each layout
+                         [(16, 9, 3, 64, torch.float32), (3, 10, 2, 80, torch.float16),
+                          (2, 14, 2, 64, torch.float32), (3, 4, 4, 32, torch.float32)])
 def test_prefill_key_splits_small(num_splits, num_heads, num_kv_heads, head_dim, dtype):
     """Keys split over several programs: chunks deep in a context (the first query rows of a tile see no key of the
     last splits: empty parts), a tile whose keys fit in the first split (written directly), a prompt without

@@ -28,7 +28,41 @@ def interpreter_active() -> bool:
     return isinstance(triton.language.cdiv, InterpretedFunction)
 
 
+def patch_language_once_per_launch() -> None:
+    """Make the interpreter patch each ``triton.language`` module once per kernel launch, not on every call of a
+    ``@triton.jit`` helper.
+
+    Triton's interpreter (3.4-3.9 at least) re-patches the language modules a helper's globals name
+    (``inspect.getmembers`` over each) every time the helper is called, in every program of the grid: about a third
+    of an interpreted engine step. Within one launch a module patched once stays patched until the launch ends, so
+    a helper call whose modules this launch has already patched skips the patching."""
+    from triton.runtime import interpreter
+    if not (hasattr(interpreter, "_patch_lang") and hasattr(interpreter, "GridExecutor")):
+        return  # another Triton: its interpreter runs as it is
+    launch, patch_lang = interpreter.GridExecutor.__call__, interpreter._patch_lang
+    launches: list[set[int]] = []  # per launch in progress: the ids of the language modules it has patched
+
+    def launch_tracking_patches(self, *args, **kwargs):
+        launches.append(set())
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    def patch_lang_once(fn):
+        if launches:
+            modules = {id(m) for m in fn.__globals__.values() if m is tl or m is tl.core}
+            if modules <= launches[-1]:
+                return interpreter._LangPatchScope()
+            launches[-1] |= modules
+        return patch_lang(fn)
+    tl = triton.language
+    interpreter.GridExecutor.__call__, interpreter._patch_lang = launch_tracking_patches, patch_lang_once
+
+
 IN_PROCESS = ON_GPU or interpreter_active()
+if IN_PROCESS and not ON_GPU:
+    patch_language_once_per_launch()
 small = pytest.mark.skipif(not IN_PROCESS, reason="Triton was imported before TRITON_INTERPRET "
                            "was set: test_small_tier_in_fresh_interpreter runs this")
 in_fresh_interpreter = pytest.mark.skipif(IN_PROCESS, reason="the small tier runs in this process")
