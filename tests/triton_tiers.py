@@ -32,7 +32,7 @@ def patch_language_once_per_launch() -> None:
     """Make the interpreter patch each ``triton.language`` module once per kernel launch, not on every call of a
     ``@triton.jit`` helper.
 
-    Triton's interpreter (3.4-3.9 at least) re-patches the language modules a helper's globals name
+    Triton's interpreter (3.9, as installed for the CPU tests) re-patches the language modules a helper's globals name
     (``inspect.getmembers`` over each) every time the helper is called, in every program of the grid: about a third
     of an interpreted engine step. Within one launch a module patched once stays patched until the launch ends, so
     a helper call whose modules this launch has already patched skips the patching."""
