@@ -37,8 +37,9 @@ def patch_language_once_per_launch() -> None:
     of an interpreted engine step. Within one launch a module patched once stays patched until the launch ends, so
     a helper call whose modules this launch has already patched skips the patching."""
     from triton.runtime import interpreter
-    if not (hasattr(interpreter, "_patch_lang") and hasattr(interpreter, "GridExecutor")):
+    if not all(hasattr(interpreter, name) for name in ("_patch_lang", "_LangPatchScope", "GridExecutor")):
         return  # another Triton: its interpreter runs as it is
+    tl = triton.language
     launch, patch_lang = interpreter.GridExecutor.__call__, interpreter._patch_lang
     launches: list[set[int]] = []  # per launch in progress: the ids of the language modules it has patched
 
@@ -56,7 +57,6 @@ def patch_language_once_per_launch() -> None:
                 return interpreter._LangPatchScope()
             launches[-1] |= modules
         return patch_lang(fn)
-    tl = triton.language
     interpreter.GridExecutor.__call__, interpreter._patch_lang = launch_tracking_patches, patch_lang_once
 
 
